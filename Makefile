@@ -1,0 +1,35 @@
+# The two commands that matter: `make run` (the service on embedded defaults) and `make test`.
+# Each installs what it needs into .venv from nothing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: setup run test unit lint format bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+run: setup
+	$(PY) -m inference.demo --out out/demo
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest
+
+unit: setup
+	$(PY) -m pytest tests/unit
+
+lint: setup
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff check --fix . && $(PY) -m ruff format .
+
+bench: setup
+	$(PY) benchmarks/engine_batching.py
+
+clean:
+	rm -rf $(VENV) .cache out .pytest_cache .ruff_cache

@@ -1,0 +1,188 @@
+"""The model registry: which models a deployment serves and what each family does with a request.
+
+Built from configuration (plain dicts, e.g. from the Serve config YAML) and validated up front with
+errors that name the bad field, so a typo fails at start-up instead of on the first request.
+Torch-free: the ingress uses it to validate requests and to list models.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from inference.errors import UnknownModelError
+
+
+class Family(enum.StrEnum):
+    """Pipeline families; each decides which request parameters matter."""
+
+    SD = "sd"
+    SDXL = "sdxl"
+    INSTRUCT_PIX2PIX = "instruct-pix2pix"
+
+
+#: Parameters every family honours.
+_COMMON = frozenset({"prompt", "negative_prompt", "steps", "guidance_scale", "seed", "num_images"})
+
+#: What each family honours beyond the common set. Anything else that a caller sets explicitly is
+#: ignored *with a warning in the response* (never silently misapplied): e.g. instruct-pix2pix has
+#: no strength (it always denoises from pure noise conditioned on the image latents).
+HONOURED_PARAMETERS: Mapping[Family, frozenset[str]] = {
+    Family.SD: _COMMON | {"strength"},
+    Family.SDXL: _COMMON | {"strength", "prompt_2", "negative_prompt_2"},
+    Family.INSTRUCT_PIX2PIX: _COMMON | {"image_guidance_scale"},
+}
+
+#: Parameters that only some families honour; these are the ones that can draw a warning.
+OPTIONAL_PARAMETERS = frozenset({"strength", "prompt_2", "negative_prompt_2", "image_guidance_scale"})
+
+SCHEDULERS: Mapping[str, str] = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "pndm": "PNDMScheduler",
+}
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+_MODEL_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _teach(field_name: str, value: Any, allowed: Iterable[Any]) -> ValueError:
+    choices = ", ".join(repr(a) for a in allowed)
+    return ValueError(f"model config field {field_name!r} = {value!r} is not valid; choose one of: {choices}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One servable model.
+
+    ``source`` is a hub id (``org/name``) or a local folder holding a ``save_pretrained`` pipeline;
+    both go through the same ``from_pretrained`` path. ``smoke`` marks random-weight test models
+    whose output is noise, so listings can say so plainly.
+    """
+
+    id: str
+    family: Family
+    source: str
+    dtype: str = "float32"
+    scheduler: str = "ddim"
+    default_steps: int = 30
+    default_guidance_scale: float = 7.5
+    default_strength: float = 0.7
+    default_image_guidance_scale: float = 1.5
+    max_side: int = 2048
+    smoke: bool = False
+    description: str = ""
+    variant: str | None = None
+
+    def __post_init__(self) -> None:
+        if not _MODEL_ID.fullmatch(self.id or ""):
+            raise ValueError(
+                f"model config field 'id' = {self.id!r} must be 1-64 letters, digits, '.', '_' or '-'"
+            )
+        if not isinstance(self.family, Family):
+            try:
+                object.__setattr__(self, "family", Family(self.family))
+            except ValueError:
+                raise _teach("family", self.family, [f.value for f in Family]) from None
+        if self.dtype not in DTYPES:
+            raise _teach("dtype", self.dtype, DTYPES)
+        if self.scheduler not in SCHEDULERS:
+            raise _teach("scheduler", self.scheduler, SCHEDULERS)
+        if not self.source:
+            raise ValueError(f"model {self.id!r}: 'source' must be a hub id or a local folder")
+        if not 1 <= self.default_steps <= 50:
+            raise ValueError(f"model {self.id!r}: default_steps = {self.default_steps} must be in 1..50")
+        if self.max_side % 8 or not 64 <= self.max_side <= 4096:
+            raise ValueError(
+                f"model {self.id!r}: max_side = {self.max_side} must be a multiple of 8 in 64..4096"
+            )
+
+    @property
+    def honoured_parameters(self) -> frozenset[str]:
+        return HONOURED_PARAMETERS[self.family]
+
+    def unused_parameter_warnings(self, explicitly_set: Iterable[str]) -> tuple[str, ...]:
+        """Warnings for parameters the caller set that this family does not use.
+
+        Only parameters the caller *explicitly* set draw a warning: a default value is not a choice.
+        """
+        unused = sorted(set(explicitly_set) & OPTIONAL_PARAMETERS - self.honoured_parameters)
+        return tuple(
+            f"parameter '{name}' is ignored by model '{self.id}' (family {self.family.value})"
+            for name in unused
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The public description served by ``GET /v1/models``."""
+        return {
+            "id": self.id,
+            "family": self.family.value,
+            "scheduler": self.scheduler,
+            "dtype": self.dtype,
+            "smoke_test_model": self.smoke,
+            "description": self.description,
+            "defaults": {
+                "steps": self.default_steps,
+                "guidance_scale": self.default_guidance_scale,
+                "strength": self.default_strength,
+                "image_guidance_scale": self.default_image_guidance_scale,
+            },
+            "honoured_parameters": sorted(self.honoured_parameters),
+            "max_side": self.max_side,
+        }
+
+
+@dataclass(frozen=True)
+class ModelRegistry:
+    """The models one application serves, looked up by id; the first one is the default."""
+
+    specs: tuple[ModelSpec, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not self.specs:
+            raise ValueError("the model registry is empty: configure at least one model")
+        ids = [s.id for s in self.specs]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"model ids must be unique; repeated: {', '.join(dupes)}")
+
+    @classmethod
+    def from_config(cls, entries: Iterable[Mapping[str, Any]]) -> ModelRegistry:
+        specs = []
+        for index, entry in enumerate(entries):
+            unknown = set(entry) - set(ModelSpec.__dataclass_fields__)
+            if unknown:
+                raise ValueError(
+                    f"models[{index}]: unknown field(s) {sorted(unknown)}; "
+                    f"allowed: {sorted(ModelSpec.__dataclass_fields__)}"
+                )
+            specs.append(ModelSpec(**entry))
+        return cls(tuple(specs))
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(s.id for s in self.specs)
+
+    @property
+    def default(self) -> ModelSpec:
+        return self.specs[0]
+
+    def get(self, model_id: str | None) -> ModelSpec:
+        """The spec for ``model_id`` (the default when None); unknown ids are a client error."""
+        if model_id is None:
+            return self.default
+        for spec in self.specs:
+            if spec.id == model_id:
+                return spec
+        raise UnknownModelError(
+            f"unknown model {model_id!r}; available models: {', '.join(self.ids)}",
+            param="model",
+            value=model_id,
+        )

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create the project virtual environment from nothing. Idempotent: re-running is cheap.
+# torch==2.13.0 goes in FIRST: any other torch version (asked for directly or through another
+# package's range) would pull GBs of CUDA packages; with 2.13.0 installed, `torch>=2.4` is satisfied.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+EXTRAS=${EXTRAS:-model,test}
+stamp="$VENV/.installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-${EXTRAS//,/_}"
+if [ -f "$stamp" ]; then exit 0; fi
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q "torch==2.13.0"
+"$VENV/bin/python" -m pip install -q -e ".[${EXTRAS}]"
+"$VENV/bin/python" - <<'PY'
+import torch
+assert torch.__version__.startswith("2.13.0"), f"unexpected torch {torch.__version__}: refusing CUDA downloads"
+PY
+rm -f "$VENV"/.installed-*
+touch "$stamp"
+echo "environment ready in $VENV"

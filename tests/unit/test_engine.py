@@ -1,0 +1,345 @@
+"""The step-level batching engine against the stock diffusers pipeline (the oracle), per family.
+
+Contract under test: a request's images equal what the stock pipeline produces for that request
+alone (image i with seed s+i), within FAST_TOLERANCE in the default mode and bit for bit in exact
+mode, whatever else shares its UNet steps and whenever it arrives.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from inference.engine import EngineConfig, StepBatchingEngine
+from inference.errors import GenerationError, InvalidInputError, RequestCancelledError
+from inference.models import Family
+from inference.pipelines import load_pipeline, run_stock
+from inference.types import GenerationRequest
+
+#: Max |difference| in [0, 1] pixel scale for batched (non-exact) outputs. Measured: ≤ 4e-6, the
+#: same size as diffusers' own batching of identical requests; the bound leaves room for other BLAS.
+FAST_TOLERANCE = 1e-4
+
+MODEL_IDS = {Family.SD: "tiny-sd", Family.SDXL: "tiny-sdxl", Family.INSTRUCT_PIX2PIX: "tiny-pix2pix"}
+
+# (strength, steps, guidance, image_guidance): every request different; guidance 1.0 takes one row,
+# and for pix2pix image_guidance < 1 also drops guidance (diffusers' own rule).
+MIX = [
+    (0.3, 10, 3.0, 1.5),
+    (0.45, 16, 9.0, 1.0),
+    (0.6, 12, 5.5, 2.0),
+    (1.0, 8, 1.0, 1.5),
+    (0.8, 14, 7.5, 0.5),
+]
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_registry):
+    torch.set_num_threads(2)
+    return {family: load_pipeline(tiny_registry.get(mid)) for family, mid in MODEL_IDS.items()}
+
+
+def _source(size: int = 64, seed: int = 0) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def _requests(family: Family, size: int = 64) -> list[GenerationRequest]:
+    source = _source(size)
+    return [
+        GenerationRequest(
+            request_id=f"{family.value}-{i}",
+            model=MODEL_IDS[family],
+            prompt=f"prompt number {i}",
+            negative_prompt="blurry" if i % 2 else None,
+            prompt_2="second prompt" if i == 2 else None,
+            image=source,
+            seed=100 + 10 * i,
+            strength=strength,
+            steps=steps,
+            guidance_scale=guidance,
+            image_guidance_scale=image_guidance,
+            num_images=2 if i == 1 else 1,
+        )
+        for i, (strength, steps, guidance, image_guidance) in enumerate(MIX)
+    ]
+
+
+def _run_staggered(engine: StepBatchingEngine, requests: list[GenerationRequest]) -> dict[str, list]:
+    """Two requests at once, the rest joining one per step while the first ones are mid-flight."""
+    outcomes = []
+    for request in requests[:2]:
+        engine.submit(request)
+    for request in requests[2:]:
+        outcomes += engine.step()[0]
+        engine.submit(request)
+    outcomes += engine.run_until_idle()
+    assert all(o.error is None for o in outcomes), [o.error for o in outcomes]
+    return {o.request_id: list(o.result.images) for o in outcomes}
+
+
+def _oracle(pipe, family, requests) -> dict[str, list]:
+    return {
+        r.request_id: [run_stock(pipe, family, r, i, "np") for i in range(r.num_images)] for r in requests
+    }
+
+
+@pytest.fixture(scope="module")
+def oracle_outputs(pipes):
+    return {family: _oracle(pipes[family], family, _requests(family)) for family in MODEL_IDS}
+
+
+@pytest.mark.parametrize("family", list(MODEL_IDS), ids=lambda f: f.value)
+@pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
+def test_batched_output_equals_stock_pipeline_alone(pipes, oracle_outputs, family, exact):
+    engine = StepBatchingEngine(
+        pipes[family], family, EngineConfig(max_batch_samples=4, exact=exact), output_type="np"
+    )
+    got = _run_staggered(engine, _requests(family))
+    expected = oracle_outputs[family]
+    assert got.keys() == expected.keys()
+    for request_id, images in got.items():
+        for image, reference in zip(images, expected[request_id], strict=True):
+            assert reference.std() > 0.05  # not a degenerate (saturated) output
+            if exact:
+                assert np.array_equal(image, reference), f"{request_id} differs in exact mode"
+            else:
+                assert np.abs(image - reference).max() <= FAST_TOLERANCE, request_id
+
+
+def test_steps_are_shared_across_different_parameters(pipes):
+    engine = StepBatchingEngine(pipes[Family.SD], Family.SD, EngineConfig(max_batch_samples=8))
+    for request in _requests(Family.SD):
+        engine.submit(request)
+    batch_sizes = []
+    while engine.has_work:
+        _, stats = engine.step()
+        if stats:
+            batch_sizes.append(stats.samples)
+    assert max(batch_sizes) == 6  # five requests, one with two images, all in one UNet call
+
+
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler"])
+def test_vectorised_scheduler_step_is_bitwise_the_per_sample_step(pipes, scheduler):
+    import diffusers
+
+    pipe = pipes[Family.SD]
+    original = pipe.scheduler
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(original.config)
+    try:
+        outputs = []
+        for vectorise in (True, False):
+            engine = StepBatchingEngine(pipe, Family.SD, EngineConfig(vectorise=vectorise), output_type="np")
+            outputs.append(_run_staggered(engine, _requests(Family.SD)))
+    finally:
+        pipe.scheduler = original
+    for request_id, images in outputs[0].items():
+        assert all(np.array_equal(a, b) for a, b in zip(images, outputs[1][request_id], strict=True))
+
+
+def test_seeds_reproduce_and_images_of_one_request_differ(pipes):
+    request = _requests(Family.SD)[1]  # two images
+    runs = []
+    for _ in range(2):
+        engine = StepBatchingEngine(pipes[Family.SD], Family.SD, output_type="np")
+        engine.submit(request)
+        (outcome,) = engine.run_until_idle()
+        runs.append(outcome.result)
+    assert runs[0].seeds == (request.seed, request.seed + 1)
+    assert all(np.array_equal(a, b) for a, b in zip(runs[0].images, runs[1].images, strict=True))
+    assert not np.array_equal(runs[0].images[0], runs[0].images[1])
+
+
+def test_cancel_mid_flight_frees_the_slot_and_leaves_the_others_unchanged(pipes):
+    requests = _requests(Family.SD)
+    config = EngineConfig(max_batch_samples=4, exact=True)
+    baseline = _run_staggered(
+        StepBatchingEngine(pipes[Family.SD], Family.SD, config, output_type="np"), requests
+    )
+
+    engine = StepBatchingEngine(pipes[Family.SD], Family.SD, config, output_type="np")
+    for request in requests:
+        engine.submit(request)
+    outcomes = engine.step()[0] + engine.step()[0]
+    victim = requests[1].request_id
+    assert engine.progress(victim).steps_done == 4  # two images, two steps each
+    before = engine.active_samples
+    engine.cancel(victim)
+    outcomes += engine.step()[0]
+    assert engine.active_samples == before - 2 or engine.active_samples < before
+    assert engine.progress(victim) is None
+    outcomes += engine.run_until_idle()
+    by_id = {o.request_id: o for o in outcomes}
+    assert isinstance(by_id[victim].error, RequestCancelledError)
+    for request_id, images in baseline.items():
+        if request_id != victim:
+            assert all(
+                np.array_equal(a, b) for a, b in zip(by_id[request_id].result.images, images, strict=True)
+            )
+
+
+def test_cancel_before_admission_never_runs(pipes):
+    engine = StepBatchingEngine(pipes[Family.SD], Family.SD, EngineConfig(max_batch_samples=1))
+    first, second = _requests(Family.SD)[:2]
+    engine.submit(first)
+    engine.submit(second)
+    engine.step()
+    engine.cancel(second.request_id)
+    outcomes = engine.run_until_idle()
+    by_id = {o.request_id: o for o in outcomes}
+    assert isinstance(by_id[second.request_id].error, RequestCancelledError)
+    assert by_id[first.request_id].result is not None
+
+
+def test_progress_counts_unet_steps_with_diffusers_strength_truncation(pipes):
+    engine = StepBatchingEngine(pipes[Family.SD], Family.SD)
+    source = _source()
+    # int(50 * 0.29) == 14 in Python float arithmetic; diffusers runs 14 steps, not round(14.5).
+    request = GenerationRequest("trunc", "tiny-sd", "p", source, seed=1, strength=0.29, steps=50)
+    engine.submit(request)
+    engine.step()
+    assert engine.progress("trunc").steps_total == int(50 * 0.29) == 14
+    assert engine.progress("trunc").steps_done == 1
+    (outcome,) = engine.run_until_idle()
+    assert outcome.result.unet_steps == 14
+
+
+def test_strength_below_one_step_runs_one_step_with_a_warning(pipes):
+    engine = StepBatchingEngine(pipes[Family.SD], Family.SD)
+    engine.submit(
+        GenerationRequest("tiny-strength", "tiny-sd", "p", _source(), seed=1, strength=0.01, steps=20)
+    )
+    (outcome,) = engine.run_until_idle()
+    assert outcome.result.unet_steps == 1
+    assert outcome.result.warnings
+
+
+def test_a_request_that_breaks_the_unet_fails_alone(pipes, monkeypatch):
+    pipe = pipes[Family.SD]
+    requests = _requests(Family.SD)
+    config = EngineConfig(max_batch_samples=8, exact=True)
+    baseline = _run_staggered(StepBatchingEngine(pipe, Family.SD, config, output_type="np"), requests)
+
+    engine = StepBatchingEngine(pipe, Family.SD, config, output_type="np")
+    poisoned = requests[2].request_id
+    adapter_start = engine._adapter.start_latents
+
+    def start_latents(pipe_, cond, scheduler, timesteps, generator):
+        latents = adapter_start(pipe_, cond, scheduler, timesteps, generator)
+        return latents * float("nan") if cond.encoder_hidden_states is poison_marker[0] else latents
+
+    poison_marker = [None]
+    real_condition = engine._adapter.condition
+
+    def condition(pipe_, request, image):
+        cond = real_condition(pipe_, request, image)
+        if request.request_id == poisoned:
+            poison_marker[0] = cond.encoder_hidden_states
+        return cond
+
+    real_forward = pipe.unet.forward
+
+    def forward(sample, *args, **kwargs):
+        if torch.isnan(sample).any():
+            raise RuntimeError("NaN input")
+        return real_forward(sample, *args, **kwargs)
+
+    monkeypatch.setattr(engine._adapter, "start_latents", start_latents)
+    monkeypatch.setattr(engine._adapter, "condition", condition)
+    monkeypatch.setattr(pipe.unet, "forward", forward)
+    for request in requests:
+        engine.submit(request)
+    outcomes = {o.request_id: o for o in engine.run_until_idle()}
+    assert isinstance(outcomes[poisoned].error, GenerationError)
+    for request_id, images in baseline.items():
+        if request_id != poisoned:
+            assert all(
+                np.array_equal(a, b) for a, b in zip(outcomes[request_id].result.images, images, strict=True)
+            )
+
+
+def test_a_request_that_fails_admission_fails_alone(pipes, monkeypatch):
+    engine = StepBatchingEngine(pipes[Family.SD], Family.SD)
+    real_condition = engine._adapter.condition
+
+    def condition(pipe_, request, image):
+        if request.prompt == "prompt number 3":
+            raise RuntimeError("tokenizer exploded")
+        return real_condition(pipe_, request, image)
+
+    monkeypatch.setattr(engine._adapter, "condition", condition)
+    for request in _requests(Family.SD):
+        engine.submit(request)
+    outcomes = {o.request_id: o for o in engine.run_until_idle()}
+    assert isinstance(outcomes["sd-3"].error, GenerationError)
+    assert sum(o.result is not None for o in outcomes.values()) == 4
+
+
+def test_size_not_a_multiple_of_8_is_refused_at_submit(pipes):
+    engine = StepBatchingEngine(pipes[Family.SD], Family.SD)
+    with pytest.raises(InvalidInputError):
+        engine.submit(GenerationRequest("odd", "tiny-sd", "p", _source(60), seed=1))
+
+
+def test_buckets_by_latent_size_and_row_area_cap(pipes):
+    area_64 = (64 // 8) ** 2
+    # Room for 2 two-row samples of 64x64 per call, whatever max_batch_samples says.
+    engine = StepBatchingEngine(pipes[Family.SD], Family.SD, EngineConfig(max_batch_row_area=4 * area_64))
+    small = [GenerationRequest(f"s{i}", "tiny-sd", "p", _source(64, i), seed=i, steps=10) for i in range(3)]
+    large = [GenerationRequest(f"l{i}", "tiny-sd", "p", _source(96, i), seed=i, steps=10) for i in range(2)]
+    for request in small + large:
+        engine.submit(request)
+    seen = {}
+    outcomes = []
+    while engine.has_work:
+        step_outcomes, stats = engine.step()
+        outcomes += step_outcomes
+        if stats:
+            seen.setdefault(stats.bucket, set()).add(stats.samples)
+            assert (
+                stats.rows * (stats.bucket[0] // 8) * (stats.bucket[1] // 8) <= 4 * area_64
+                or stats.samples == 1
+            )
+    assert set(seen) == {(64, 64), (96, 96)}
+    assert max(seen[(64, 64)]) == 2
+    assert {o.request_id: o.result.width for o in outcomes} == {
+        "s0": 64,
+        "s1": 64,
+        "s2": 64,
+        "l0": 96,
+        "l1": 96,
+    }
+
+
+def test_fair_admission_lets_a_quiet_tenant_in_before_a_noisy_backlog(pipes):
+    engine = StepBatchingEngine(
+        pipes[Family.SD], Family.SD, EngineConfig(max_batch_samples=2, admission="fair")
+    )
+    for i in range(6):
+        engine.submit(
+            GenerationRequest(f"noisy-{i}", "tiny-sd", "p", _source(), seed=i, steps=4, tenant="noisy")
+        )
+    engine.step()
+    engine.submit(GenerationRequest("quiet", "tiny-sd", "p", _source(), seed=9, steps=4, tenant="quiet"))
+    finished = [o.request_id for o in engine.run_until_idle()]
+    assert finished.index("quiet") < finished.index("noisy-3")
+
+
+def test_reconfigure_changes_the_cap_for_later_admissions(pipes):
+    engine = StepBatchingEngine(pipes[Family.SD], Family.SD, EngineConfig(max_batch_samples=1))
+    for i in range(4):
+        engine.submit(GenerationRequest(f"r{i}", "tiny-sd", "p", _source(), seed=i, steps=10))
+    assert engine.step()[1].samples == 1
+    engine.reconfigure(EngineConfig(max_batch_samples=4))
+    assert engine.step()[1].samples == 4
+
+
+def test_duplicate_request_id_in_flight_is_refused(pipes):
+    engine = StepBatchingEngine(pipes[Family.SD], Family.SD)
+    request = GenerationRequest("dup", "tiny-sd", "p", _source(), seed=1, steps=4)
+    engine.submit(request)
+    engine.submit(request)
+    outcomes = engine.run_until_idle()
+    assert sorted(o.error is None for o in outcomes) == [False, True]
