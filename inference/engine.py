@@ -19,45 +19,17 @@ import itertools
 import queue
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
+from inference.engine_config import EngineConfig
 from inference.errors import GenerationError, InferenceError, InvalidInputError, RequestCancelledError
 from inference.exact import install_row_chunking, row_groups
 from inference.families import ADAPTERS, Conditioning, strength_timesteps
 from inference.models import Family
 from inference.schedulers import vectorised_step
 from inference.types import GenerationRequest, GenerationResult, Progress
-
-ADMISSION_POLICIES = ("fifo", "fair")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Batching knobs; the serving layer changes them live (Ray Serve ``user_config``).
-
-    ``max_batch_samples`` caps the samples sharing one UNet call. ``max_batch_row_area`` caps
-    rows × latent height × latent width per call, the quantity that really drives memory and time
-    (a pix2pix sample costs 3 rows, a guidance-free one 1 row, a 1024² one 16× a 256² one).
-    ``admission`` is ``fifo`` (arrival order) or ``fair`` (the tenant with the fewest samples in
-    flight goes first). ``exact`` runs the batch-variant GEMMs per sample (bitwise equal to the stock
-    pipeline on CPU; a few percent slower). ``vectorise`` steps DDIM/Euler samples in one tensor op.
-    """
-
-    max_batch_samples: int = 8
-    max_batch_row_area: int | None = None
-    admission: str = "fifo"
-    exact: bool = False
-    vectorise: bool = True
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.max_batch_samples <= 256:
-            raise ValueError(f"max_batch_samples = {self.max_batch_samples} must be in 1..256")
-        if self.max_batch_row_area is not None and self.max_batch_row_area < 1:
-            raise ValueError(f"max_batch_row_area = {self.max_batch_row_area} must be positive or None")
-        if self.admission not in ADMISSION_POLICIES:
-            raise ValueError(f"admission = {self.admission!r}; choose one of {ADMISSION_POLICIES}")
 
 
 @dataclass(frozen=True)
@@ -498,8 +470,3 @@ class StepBatchingEngine:
         state.failed = error
         self._drop(state)
         outcomes.append(Outcome(state.request.request_id, error=error))
-
-
-def with_defaults(config: EngineConfig, **changes) -> EngineConfig:
-    """A copy of ``config`` with some knobs changed (validated like the original)."""
-    return replace(config, **changes)

@@ -14,6 +14,7 @@ from typing import Any
 
 import diffusers
 import torch
+import transformers
 from diffusers import (
     DiffusionPipeline,
     StableDiffusionImg2ImgPipeline,
@@ -60,6 +61,8 @@ def load_pipeline(spec: ModelSpec, device: str = "cpu") -> DiffusionPipeline:
     Raises ``GenerationError`` (code ``model_load_failed``) naming the model and its source when the
     local folder is missing or the weights cannot be loaded.
     """
+    diffusers.utils.logging.disable_progress_bar()  # "Loading pipeline components" bars flood server logs
+    transformers.utils.logging.disable_progress_bar()
     path_like = _looks_like_path(spec.source)
     source = str(Path(spec.source).expanduser()) if path_like else spec.source
     local = Path(source).is_dir()

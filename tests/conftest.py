@@ -27,3 +27,11 @@ def tiny_registry(tiny_model_dirs):
 
     root = next(iter(tiny_model_dirs.values())).parent
     return ModelRegistry.from_config(tiny_model_specs(root))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark tests by folder, so `-m unit` / `-m integration` select them without per-file markers."""
+    for item in items:
+        folder = item.path.parent.name
+        if folder in ("unit", "integration"):
+            item.add_marker(getattr(pytest.mark, folder))

@@ -1,0 +1,1 @@
+"""One module per public API: its wire schemas and thin routes over ``serve.generation``."""

@@ -1,0 +1,84 @@
+"""One typed error body for every API, and the table that decides each error's HTTP status.
+
+Client faults derive from ``InvalidInputError`` and server faults from ``GenerationError``; the
+exception's root, not its text, picks 4xx or 5xx. Each API may rename codes to its own spec's
+vocabulary (the node API's ``invalid_strength``, ...) through a translator, but the envelope is the
+same everywhere: ``{"error": {"code", "message", "details", "param"}}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from inference.errors import InferenceError, InvalidInputError
+
+#: HTTP status for codes that are not a plain 400 (client) or 500 (server).
+STATUS_BY_CODE: Mapping[str, int] = {
+    "unauthorized": 401,
+    "invalid_connection": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "image_too_large": 413,
+    "payload_too_large": 413,
+    "rate_limited": 429,
+    "canceled": 409,
+    "storage_unavailable": 503,
+    "overloaded": 503,
+    "model_unavailable": 503,
+    "timeout": 504,
+}
+
+
+@dataclass
+class ApiError(Exception):
+    """An error already in API terms: rendered as-is by the app-wide handler."""
+
+    status: int
+    code: str
+    message: str
+    details: str | None = None
+    param: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def response(self) -> JSONResponse:
+        body: dict[str, Any] = {"code": self.code, "message": self.message, "details": self.details}
+        if self.param is not None:
+            body["param"] = self.param
+        return JSONResponse({"error": body}, status_code=self.status, headers=self.headers or None)
+
+
+def status_for(error: InferenceError) -> int:
+    if error.code in STATUS_BY_CODE:
+        return STATUS_BY_CODE[error.code]
+    return 400 if isinstance(error, InvalidInputError) else 500
+
+
+def api_error(error: InferenceError, rename: Callable[[InferenceError], str] | None = None) -> ApiError:
+    """Translate an inference/serving error; ``rename`` maps it to an API's own code vocabulary."""
+    code = rename(error) if rename else error.code
+    details = error.details
+    if details is None and error.param is not None and isinstance(error, InvalidInputError):
+        details = f"parameter: {error.param}"
+    return ApiError(status_for(error), code, error.message, details, error.param)
+
+
+def overloaded(
+    retry_after_s: int = 1, message: str = "the service is at capacity; retry shortly"
+) -> ApiError:
+    return ApiError(503, "overloaded", message, headers={"Retry-After": str(retry_after_s)})
+
+
+def describe_validation_error(error: Mapping[str, Any]) -> tuple[str, str]:
+    """(parameter name, human message) from one pydantic error entry."""
+    location = [str(part) for part in error.get("loc", ()) if part not in ("body",)]
+    param = ".".join(location) or "body"
+    message = error.get("msg", "invalid value")
+    if error.get("type") == "missing":
+        return param, f"'{param}' is required"
+    if error.get("type") == "json_invalid":
+        return "body", "the request body is not valid JSON"
+    return param, f"'{param}': {message}"

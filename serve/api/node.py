@@ -1,0 +1,123 @@
+"""``POST /v1/nodes/image_to_image``: the ``image_to_image`` node spec (seed 000).
+
+Input ranges and defaults are the spec's: guidance_scale and image_guidance_scale in (0, 15] (7.5,
+1.5), strength in (0, 1] (0.8), steps 1-50 (20), batch_size 1-8 (1), seed nullable, width/height 0 =
+the source size. ``negative_prompt`` is required (it may be empty). Errors use the spec's table as
+codes: invalid_connection, source_image_error, empty_prompt, invalid_strength, invalid_guidance,
+invalid_steps, batch_size_exceeded, generation_failed; other malformed fields get invalid_parameter.
+Extensions: ``model``, ``output_format``, and ``warnings`` in the output when a parameter was ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from inference.errors import InferenceError, InvalidInputError
+from serve.api.deps import ServiceDep, TenantDep
+from serve.api.errors import ApiError, describe_validation_error
+from serve.generation import GenerationJob
+
+router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
+
+MAX_SIDE = 2048
+
+
+class ImageToImageNodeInput(BaseModel):
+    """Image to image node input."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source_image: str = Field(description="The image to use as the source (http(s) URL or data URL).")
+    prompt: str = Field(description="What you wish to see in the output image.")
+    prompt_2: str | None = Field(None, description="A second prompt to guide the image generation.")
+    negative_prompt: str = Field(description="What you do not wish to see in the output image.")
+    guidance_scale: float = Field(7.5, gt=0, le=15)
+    image_guidance_scale: float = Field(1.5, gt=0, le=15)
+    strength: float = Field(0.8, gt=0, le=1)
+    steps: int = Field(20, gt=0, le=50)
+    batch_size: int = Field(1, gt=0, le=8)
+    seed: int | None = Field(None, ge=0, le=2**63 - 9)
+    width: int = Field(0, ge=0, le=MAX_SIDE, description="0 = the source image's width")
+    height: int = Field(0, ge=0, le=MAX_SIDE, description="0 = the source image's height")
+    model: str | None = Field(None, description="Model id (GET /v1/models); default: the first configured")
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be empty")
+        return value
+
+
+class ImageToImageNodeOutput(BaseModel):
+    """Image to image node output."""
+
+    images: list[str]
+    warnings: list[str] | None = None
+
+
+@router.post("/image_to_image", response_model=ImageToImageNodeOutput, response_model_exclude_none=True)
+async def image_to_image_node(body: ImageToImageNodeInput, service: ServiceDep, tenant: TenantDep):
+    """Run the node: returns the URLs of ``batch_size`` generated images."""
+    job = GenerationJob(
+        tenant=tenant,
+        image=body.source_image,
+        image_param="source_image",
+        prompt=body.prompt,
+        prompt_2=body.prompt_2,
+        negative_prompt=body.negative_prompt,
+        model=body.model,
+        strength=body.strength,
+        steps=body.steps,
+        guidance_scale=body.guidance_scale,
+        image_guidance_scale=body.image_guidance_scale,
+        num_images=body.batch_size,
+        seed=body.seed,
+        width=body.width,
+        height=body.height,
+        output_format=body.output_format,
+        explicitly_set=frozenset(body.model_fields_set),
+    )
+    done = await service.run(job)
+    return ImageToImageNodeOutput(
+        images=[image.url for image in done.images], warnings=list(done.warnings) or None
+    )
+
+
+#: Field → the spec's error code for a bad value of that field.
+FIELD_CODES = {
+    "source_image": "source_image_error",
+    "prompt": "empty_prompt",
+    "strength": "invalid_strength",
+    "guidance_scale": "invalid_guidance",
+    "image_guidance_scale": "invalid_guidance",
+    "steps": "invalid_steps",
+    "batch_size": "batch_size_exceeded",
+}
+
+_IMAGE_CODES = {"invalid_image", "image_too_large", "image_dimensions_too_large", "source_image_error"}
+_INFRA_CODES = {"storage_unavailable", "overloaded", "timeout", "model_unavailable", "canceled"}
+
+
+class NodeDialect:
+    """The node spec's error table."""
+
+    def rename(self, error: InferenceError) -> str:
+        if error.code == "unauthorized":
+            return "invalid_connection"
+        if error.code in _IMAGE_CODES:
+            return "source_image_error"
+        if isinstance(error, InvalidInputError):
+            return FIELD_CODES.get(error.param or "", error.code)
+        return error.code if error.code in _INFRA_CODES else "generation_failed"
+
+    def validation(self, errors: Sequence[dict[str, Any]]) -> ApiError:
+        param, message = describe_validation_error(errors[0])
+        code = FIELD_CODES.get(param, "invalid_request" if param == "body" else "invalid_parameter")
+        details = "; ".join(describe_validation_error(e)[1] for e in errors)
+        return ApiError(400, code, message, details, param)

@@ -1,0 +1,151 @@
+"""``POST /v1/image-to-image``: the REST spec (seed 003), JSON in, the full response object out.
+
+Spec ranges and defaults: strength 0.1-1.0 (0.7), steps 30, guidance_scale 7.5, num_images 1-4 (1).
+Where the spec is silent we chose, and document here: steps 1-50 (the node spec's bound),
+guidance_scale 0-20 (exclusive of 0), seed 0..2^32-1, prompts up to 2000 characters. Unknown fields
+are refused (a typo like ``stength`` must not silently fall back to a default). Extensions:
+``output_format`` (png/jpeg/webp) and a ``warnings`` list in the response.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Literal
+
+from fastapi import APIRouter
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_serializer, field_validator
+
+from inference.errors import InferenceError
+from serve.api.deps import ServiceDep, TenantDep
+from serve.api.errors import ApiError, describe_validation_error
+from serve.generation import CompletedJob, GenerationJob
+from serve.styles import STYLES, resolve_style
+
+router = APIRouter(prefix="/v1", tags=["image-to-image"])
+
+MAX_PROMPT_CHARS = 2000
+
+
+class ImageToImageRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(min_length=1, description="Base64 data URL or http(s) URL of the source image")
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: str | None = Field(None, description="Model id (GET /v1/models); default: the first configured")
+    strength: float = Field(0.7, ge=0.1, le=1.0)
+    steps: int = Field(30, ge=1, le=50)
+    guidance_scale: float = Field(7.5, gt=0, le=20)
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    num_images: int = Field(1, ge=1, le=4)
+    style: str | None = Field(None, description="A preset from GET /v1/styles")
+    webhook_url: AnyHttpUrl | None = Field(None, description="Called with the job object on completion")
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must contain text")
+        return value
+
+
+class ImageInfo(BaseModel):
+    url: str
+    width: int
+    height: int
+
+
+class ImageToImageResponse(BaseModel):
+    id: str
+    status: Literal["queued", "processing", "completed", "failed", "canceled"]
+    prompt: str
+    negative_prompt: str | None
+    model: str
+    strength: float
+    steps: int
+    guidance_scale: float
+    seed: int
+    style: str | None
+    created_at: datetime
+    completed_at: datetime | None
+    original_image: ImageInfo
+    images: list[ImageInfo]
+    warnings: list[str] = []
+
+    @field_serializer("created_at", "completed_at")
+    def _utc(self, value: datetime | None) -> str | None:
+        return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
+
+
+def to_job(body: ImageToImageRequest, tenant: str) -> GenerationJob:
+    style = resolve_style(body.style)
+    prompt, negative = (
+        style.apply(body.prompt, body.negative_prompt)
+        if style
+        else (
+            body.prompt,
+            body.negative_prompt,
+        )
+    )
+    return GenerationJob(
+        tenant=tenant,
+        image=body.image,
+        prompt=prompt,
+        negative_prompt=negative,
+        model=body.model,
+        strength=body.strength,
+        steps=body.steps,
+        guidance_scale=body.guidance_scale,
+        num_images=body.num_images,
+        seed=body.seed,
+        output_format=body.output_format,
+        explicitly_set=frozenset(body.model_fields_set),
+    )
+
+
+def to_response(body: ImageToImageRequest, done: CompletedJob) -> ImageToImageResponse:
+    return ImageToImageResponse(
+        id=done.job.job_id,
+        status="completed",
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        model=done.model.id,
+        strength=body.strength,
+        steps=body.steps,
+        guidance_scale=body.guidance_scale,
+        seed=done.seed,
+        style=body.style,
+        created_at=done.job.created_at,
+        completed_at=done.completed_at,
+        original_image=ImageInfo(**vars(done.source)),
+        images=[ImageInfo(**vars(image)) for image in done.images],
+        warnings=list(done.warnings),
+    )
+
+
+@router.post("/image-to-image", response_model=ImageToImageResponse)
+async def image_to_image(body: ImageToImageRequest, service: ServiceDep, tenant: TenantDep):
+    """Transform an image synchronously; the response links the stored outputs."""
+    return to_response(body, await service.run(to_job(body, tenant)))
+
+
+@router.get("/styles")
+async def list_styles(_: TenantDep) -> dict[str, Any]:
+    return {"styles": [{"name": s.name, "description": s.description} for s in STYLES.values()]}
+
+
+class RestDialect:
+    """The REST spec's error vocabulary: its codes are the package's own."""
+
+    def rename(self, error: InferenceError) -> str:
+        return error.code
+
+    def validation(self, errors: Sequence[dict[str, Any]]) -> ApiError:
+        param, message = describe_validation_error(errors[0])
+        code = "invalid_image" if param == "image" else "invalid_parameter"
+        if param == "body":
+            code = "invalid_request"
+        details = "; ".join(describe_validation_error(e)[1] for e in errors)
+        return ApiError(400, code, message, details, param)

@@ -1,0 +1,54 @@
+"""Routes that are not an image API: liveness, readiness, the model list, signed local files."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from serve.api.deps import ServiceDep, TenantDep
+from serve.api.errors import ApiError
+from serve.storage import content_type_for
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """Alive: the ingress answers. Says nothing about models or storage (that is /readyz)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(service: ServiceDep) -> JSONResponse:
+    """Ready when every model has a running replica and storage answers; otherwise says which part is not."""
+    problems: dict[str, str] = {}
+    try:
+        await service.store.check()
+    except Exception as error:
+        problems["storage"] = str(error)
+    for model_id, reason in (await service.backend.readiness()).items():
+        if reason is not None:
+            problems[f"model:{model_id}"] = reason
+    body: dict[str, Any] = {"status": "ready" if not problems else "not_ready", "problems": problems}
+    return JSONResponse(body, status_code=200 if not problems else 503)
+
+
+@router.get("/v1/models")
+async def list_models(service: ServiceDep, _: TenantDep) -> dict[str, Any]:
+    return {"data": [spec.describe() for spec in service.registry.specs]}
+
+
+@router.get("/files/{key:path}", include_in_schema=False)
+async def local_file(key: str, expires: int, signature: str, request: Request) -> Response:
+    """Serve an output of the embedded local store through its expiring signed URL."""
+    store = request.app.state.service.store
+    verify = getattr(store, "verify", None)
+    if verify is None or not verify(key, expires, signature):
+        raise ApiError(403, "forbidden", "the link is invalid or has expired")
+    try:
+        data = await store.get(key)
+    except KeyError:
+        raise ApiError(404, "not_found", "no such file") from None
+    return Response(data, media_type=content_type_for(key))

@@ -1,0 +1,50 @@
+"""``build_app(args)``: the Serve application builder that every Serve config points at.
+
+``import_path: serve.app:build_app`` with ``args`` = ``AppArgs``. One ingress deployment (CPU,
+autoscaled) and one model deployment per configured model (``num_gpus``/``num_cpus`` from config,
+autoscaled around the engine's cap, bounded queues). The engine knobs travel as ``user_config``, so
+a Serve config update changes them live through ``ModelWorker.reconfigure``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from serve.config import AppArgs, ModelDeployment
+from serve.ingress import Ingress
+from serve.worker import ModelWorker
+
+
+def _model_deployment(model: ModelDeployment) -> Application:
+    actor_options: dict[str, Any] = {"num_cpus": model.num_cpus, "num_gpus": model.num_gpus}
+    if model.resources:
+        actor_options["resources"] = dict(model.resources)
+    deployment = serve.deployment(ModelWorker).options(
+        name=model.deployment_name,
+        ray_actor_options=actor_options,
+        autoscaling_config=model.scaling.serve_config(),
+        max_ongoing_requests=model.ongoing_limit,
+        max_queued_requests=model.max_queued_requests,
+        user_config=asdict(model.engine_config),
+        health_check_timeout_s=model.health_check_timeout_s,
+        graceful_shutdown_timeout_s=model.graceful_shutdown_timeout_s,
+    )
+    return deployment.bind(model.spec, model.engine, model.torch_threads)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Validate ``args`` (errors name the bad field) and wire ingress → model deployments."""
+    parsed = AppArgs.model_validate(args)
+    handles = {model.spec["id"]: _model_deployment(model) for model in parsed.models}
+    ingress = serve.deployment(Ingress).options(
+        name="Ingress",
+        ray_actor_options={"num_cpus": parsed.ingress.num_cpus},
+        autoscaling_config=parsed.ingress.scaling.serve_config(),
+        max_ongoing_requests=parsed.ingress.max_ongoing_requests,
+        max_queued_requests=parsed.ingress.max_queued_requests,
+    )
+    return ingress.bind(parsed.model_dump(mode="json"), handles)

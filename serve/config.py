@@ -1,0 +1,170 @@
+"""Application configuration, validated at start-up with errors that teach.
+
+``AppArgs`` is the ``args`` block of the Serve config YAML (``cluster/serve_config.yaml``), the one
+source of truth that the local run, the Ray cluster and KubeRay's ``serveConfigV2`` share. Secrets
+and endpoints that differ per environment come from environment variables (``Secrets``), never
+from the YAML, and placeholder values are refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from inference.engine_config import EngineConfig
+from inference.models import ModelRegistry, ModelSpec
+
+PLACEHOLDERS = {"changeme", "change-me", "changethis", "secret", "password", "placeholder", "xxx", "todo"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ReplicaScaling(_Strict):
+    """Serve autoscaling for one deployment; ``target_ongoing_requests`` near the engine's cap."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(8, gt=0)
+    upscale_delay_s: float = Field(10, ge=0)
+    downscale_delay_s: float = Field(120, ge=0)
+    look_back_period_s: float = Field(30, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReplicaScaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})"
+            )
+        return self
+
+    def serve_config(self) -> dict[str, Any]:
+        config = self.model_dump(exclude_none=True)
+        return config
+
+
+class ModelDeployment(_Strict):
+    """One model: what to load (``spec``), how to batch (``engine``) and where to run it."""
+
+    spec: dict[str, Any]
+    engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig: Serve user_config")
+    scaling: ReplicaScaling = ReplicaScaling()
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 on CPU clusters)")
+    num_cpus: float = Field(1, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per replica")
+    max_ongoing_requests: int | None = Field(None, ge=1, description="default: 3x the engine's cap")
+    max_queued_requests: int = Field(64, ge=1, description="per handle; beyond it callers get 503")
+    torch_threads: int | None = Field(None, ge=1)
+    health_check_timeout_s: float = Field(60, gt=0)
+    graceful_shutdown_timeout_s: float = Field(60, ge=0)
+
+    @field_validator("spec")
+    @classmethod
+    def _valid_spec(cls, spec: dict[str, Any]) -> dict[str, Any]:
+        ModelRegistry.from_config([spec])
+        return spec
+
+    @field_validator("engine")
+    @classmethod
+    def _valid_engine(cls, engine: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(engine) - set(EngineConfig.__dataclass_fields__)
+        if unknown:
+            allowed = ", ".join(EngineConfig.__dataclass_fields__)
+            raise ValueError(f"unknown engine field(s) {sorted(unknown)}; allowed: {allowed}")
+        EngineConfig(**engine)
+        return engine
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        return ModelRegistry.from_config([self.spec]).default
+
+    @property
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(**self.engine)
+
+    @property
+    def deployment_name(self) -> str:
+        return f"model-{self.spec['id']}"
+
+    @property
+    def ongoing_limit(self) -> int:
+        """Enough requests in each replica to keep its batch full while others finish (2-4x the cap)."""
+        return self.max_ongoing_requests or 3 * self.engine_config.max_batch_samples
+
+
+class IngressDeployment(_Strict):
+    scaling: ReplicaScaling = ReplicaScaling(min_replicas=1, max_replicas=2, target_ongoing_requests=32)
+    num_cpus: float = Field(0.5, ge=0)
+    max_ongoing_requests: int = Field(128, ge=1)
+    max_queued_requests: int = Field(512, ge=1)
+
+
+class StorageArgs(_Strict):
+    """Where outputs go: ``local`` (a folder served by the ingress) or ``s3`` (MinIO or any S3)."""
+
+    kind: Literal["local", "s3"] = "local"
+    local_root: str = "var/outputs"
+    public_base_url: str = Field("http://127.0.0.1:8000", description="how clients reach the ingress")
+    bucket: str = "img2img-outputs"
+    url_expiry_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
+
+
+class FetchArgs(_Strict):
+    """Source-image downloads: private address ranges are refused unless listed here (tests only)."""
+
+    allow_networks: tuple[str, ...] = ()
+    timeout_s: float = Field(20, gt=0)
+
+
+class AppArgs(_Strict):
+    models: list[ModelDeployment] = Field(min_length=1)
+    ingress: IngressDeployment = IngressDeployment()
+    storage: StorageArgs = StorageArgs()
+    fetch: FetchArgs = FetchArgs()
+    request_timeout_s: float = Field(300, gt=0, description="a request waiting longer gets 504")
+    max_side: int = Field(2048, ge=64, le=4096)
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> AppArgs:
+        self.registry()  # raises on duplicate ids
+        return self
+
+    def registry(self) -> ModelRegistry:
+        return ModelRegistry.from_config([m.spec for m in self.models])
+
+
+class Secrets(BaseSettings):
+    """Per-environment secrets and endpoints, read from ``IMG2IMG_*`` environment variables at start-up."""
+
+    model_config = SettingsConfigDict(env_prefix="IMG2IMG_", extra="ignore")
+
+    dev_api_key: str | None = Field(None, description="one key for the 'dev' tenant (local runs)")
+    api_keys: dict[str, str] = Field(default_factory=dict, description="JSON {key: tenant}")
+    url_signing_key: str | None = Field(None, description="HMAC key for local-store URLs")
+    s3_endpoint: str | None = None
+    s3_public_endpoint: str | None = None
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = None
+    s3_secure: bool = True
+    s3_region: str = "us-east-1"
+
+    @field_validator("dev_api_key", "url_signing_key", "s3_secret_key")
+    @classmethod
+    def _no_placeholder(cls, value: str | None) -> str | None:
+        if value is not None and (value.strip().lower() in PLACEHOLDERS or len(value.strip()) < 8):
+            raise ValueError("is a placeholder or shorter than 8 characters: set a real secret")
+        return value
+
+    def keys(self) -> dict[str, str]:
+        keys = dict(self.api_keys)
+        if self.dev_api_key:
+            keys[self.dev_api_key] = "dev"
+        if not keys:
+            raise ValueError(
+                "no API keys configured: set IMG2IMG_DEV_API_KEY, or IMG2IMG_API_KEYS to JSON {key: tenant}"
+            )
+        return keys

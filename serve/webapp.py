@@ -1,0 +1,75 @@
+"""The FastAPI application: API routers, body limits and the one exception → HTTP table.
+
+Ray-free on purpose: unit tests build it with a fake model backend; the Ray Serve ingress mounts
+the same app and fills ``app.state`` in its constructor.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from inference.errors import InferenceError
+from serve.api import node, rest_v1, system
+from serve.api.errors import ApiError, api_error
+
+logger = logging.getLogger("serve.webapp")
+
+#: Path prefix → the API whose error vocabulary applies (first match wins).
+DIALECTS = (("/v1/nodes/", node.NodeDialect()), ("/", rest_v1.RestDialect()))
+
+#: A 10 MB image is ~13.4 MB as base64; anything far beyond is refused before it is read.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+def _dialect(request: Request):
+    return next(d for prefix, d in DIALECTS if request.url.path.startswith(prefix))
+
+
+def create_app(max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    app = FastAPI(
+        title="img2img service",
+        version="1",
+        description="Image-to-image diffusion with step-level batching. Authenticate with 'Bearer <key>'.",
+    )
+    for module in (rest_v1, node, system):
+        app.include_router(module.router)
+
+    @app.middleware("http")
+    async def record_metrics(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        metrics = getattr(request.app.state, "metrics", None)
+        route = request.scope.get("route")
+        if metrics is not None and route is not None:  # unmatched paths would explode label cardinality
+            metrics.request_done(route.path, response.status_code, time.perf_counter() - started)
+        return response
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_body_bytes:
+            limit = f"{max_body_bytes // (1024 * 1024)} MB"
+            return ApiError(413, "payload_too_large", f"request body exceeds {limit}").response()
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(_: Request, error: ApiError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(InferenceError)
+    async def on_inference_error(request: Request, error: InferenceError) -> JSONResponse:
+        translated = api_error(error, _dialect(request).rename)
+        if translated.status >= 500:
+            logger.warning("%s %s failed: %s (%s)", request.method, request.url.path, error.code, error)
+        return translated.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return _dialect(request).validation(error.errors()).response()
+
+    return app

@@ -1,0 +1,128 @@
+"""The model replica: one loaded pipeline, one batching engine, one background step loop.
+
+Requests arrive on the replica's event loop, are handed to the engine (``submit`` only posts to
+its inbox) and awaited on a future. A background task runs ``engine.step()`` on a dedicated thread
+so the event loop stays free to accept requests, answer health checks and notice cancellations;
+between steps the engine admits newcomers and releases finished samples, whose futures are resolved
+here. Not ``@serve.batch``: that runs whole requests to completion, so newcomers would wait for the
+slowest member of a batch and mixed parameters would rarely share a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from inference.errors import GenerationError
+from inference.types import GenerationRequest, GenerationResult, Progress
+
+logger = logging.getLogger("serve.worker")
+
+
+class ModelWorker:
+    """Ray Serve deployment class (wrapped by ``serve.deployment`` in ``serve.app``)."""
+
+    def __init__(
+        self, spec: dict[str, Any], engine: dict[str, Any], torch_threads: int | None = None
+    ) -> None:
+        import torch  # only model replicas load torch; the ingress never does
+
+        from inference.engine import EngineConfig, StepBatchingEngine
+        from inference.models import ModelSpec
+        from inference.pipelines import load_pipeline
+        from serve.metrics import WorkerMetrics
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.spec = ModelSpec(**spec)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._engine = StepBatchingEngine(
+            load_pipeline(self.spec, device), self.spec.family, EngineConfig(**engine)
+        )
+        self._metrics = WorkerMetrics(self.spec.id)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{self.spec.id}")
+        self._futures: dict[str, asyncio.Future] = {}
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        logger.info("model %s loaded on %s (pid %s)", self.spec.id, device, os.getpid())
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve ``user_config`` → engine knobs, live; running samples are not disturbed."""
+        from inference.engine import EngineConfig
+
+        self._engine.reconfigure(EngineConfig(**user_config))
+        logger.info("model %s engine reconfigured: %s", self.spec.id, self._engine.config)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Queue ``request`` for the engine and wait for its images; cancellation leaves the engine too."""
+        self._ensure_loop()
+        if request.request_id in self._futures:
+            raise GenerationError(f"request {request.request_id} is already running on this replica")
+        future = asyncio.get_running_loop().create_future()
+        self._futures[request.request_id] = future
+        self._engine.submit(request)
+        self._metrics.set_inflight(len(self._futures))
+        self._wakeup.set()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._engine.cancel(request.request_id)
+            self._wakeup.set()
+            raise
+        finally:
+            self._futures.pop(request.request_id, None)
+            self._metrics.set_inflight(len(self._futures))
+
+    async def cancel(self, request_id: str) -> None:
+        self._engine.cancel(request_id)
+        if self._wakeup:
+            self._wakeup.set()
+
+    async def progress(self, request_id: str) -> Progress | None:
+        return self._engine.progress(request_id)
+
+    async def ready(self) -> dict[str, Any]:
+        return {
+            "model": self.spec.id,
+            "queued": self._engine.queued_requests,
+            "active": self._engine.active_samples,
+        }
+
+    def check_health(self) -> None:
+        """Serve's health probe: a dead step loop means this replica can never finish work."""
+        if self._loop_task is not None and self._loop_task.done():
+            raise RuntimeError(f"engine loop of {self.spec.id} stopped: {self._loop_task.exception()!r}")
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None:
+            self._wakeup = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._engine.has_work:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            outcomes, stats = await loop.run_in_executor(self._executor, self._engine.step)
+            if stats is not None:
+                self._metrics.step(stats.samples, stats.step_s)
+            for outcome in outcomes:
+                self._resolve(outcome)
+
+    def _resolve(self, outcome) -> None:
+        future = self._futures.get(outcome.request_id)
+        if outcome.error is not None:
+            self._metrics.failed()
+        else:
+            self._metrics.finished(len(outcome.result.images), outcome.result.queue_wait_s)
+        if future is None or future.done():
+            return
+        if outcome.error is not None:
+            future.set_exception(outcome.error)
+        else:
+            future.set_result(outcome.result)

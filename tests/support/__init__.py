@@ -1,0 +1,1 @@
+"""Test helpers that are not tests: real servers (S3) and other fixtures' machinery."""
