@@ -6,12 +6,15 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup run test unit lint format bench clean
+.PHONY: setup run demo test unit integration lint format bench clean
 
 setup:
 	@bash scripts/setup.sh
 
 run: setup
+	$(PY) -m serve.local
+
+demo: setup
 	$(PY) -m inference.demo --out out/demo
 
 test: setup
@@ -21,6 +24,9 @@ test: setup
 
 unit: setup
 	$(PY) -m pytest tests/unit
+
+integration: setup
+	$(PY) -m pytest tests/integration
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
@@ -32,4 +38,4 @@ bench: setup
 	$(PY) benchmarks/engine_batching.py
 
 clean:
-	rm -rf $(VENV) .cache out .pytest_cache .ruff_cache
+	rm -rf $(VENV) .cache out var .pytest_cache .ruff_cache

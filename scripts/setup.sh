@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-EXTRAS=${EXTRAS:-model,test}
+EXTRAS=${EXTRAS:-model,serve,test}
 stamp="$VENV/.installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-${EXTRAS//,/_}"
 if [ -f "$stamp" ]; then exit 0; fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
@@ -17,6 +17,15 @@ if [ -f "$stamp" ]; then exit 0; fi
 import torch
 assert torch.__version__.startswith("2.13.0"), f"unexpected torch {torch.__version__}: refusing CUDA downloads"
 PY
+# The integration tests scrape Ray's exporter with a real Prometheus (Debian's package, run as a plain binary).
+if [[ ",$EXTRAS," == *",test,"* ]] && ! command -v prometheus >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+  else
+    echo "prometheus is missing: install Debian's 'prometheus' package (needs root)" >&2
+    exit 1
+  fi
+fi
 rm -f "$VENV"/.installed-*
 touch "$stamp"
 echo "environment ready in $VENV"

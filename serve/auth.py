@@ -37,10 +37,15 @@ class ApiKeys:
 
     def tenant_for(self, authorization: str | None) -> str:
         """The tenant of an ``Authorization: Bearer <key>`` header, or AuthError."""
-        scheme, _, key = (authorization or "").strip().partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
+        if not (authorization or "").strip():
             raise AuthError(
                 "missing API key: send the header 'Authorization: Bearer <key>'", param="Authorization"
+            )
+        scheme, _, key = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise AuthError(
+                "malformed Authorization header: expected 'Authorization: Bearer <key>'",
+                param="Authorization",
             )
         candidate = hash_key(key.strip())
         tenant = None

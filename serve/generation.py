@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
-from inference.errors import InvalidImageError
+from inference.errors import InvalidImageError, InvalidInputError
 from inference.images import (
     ImageLimits,
     SourceImage,
@@ -102,15 +102,19 @@ class GenerationService:
     async def load_source(self, image: str, param: str = "image") -> tuple[SourceImage, bytes]:
         """Decode a data URL or download an http(s) URL, then validate the bytes (size, format, bombs)."""
         text = image.strip()
-        if text.lower().startswith("data:"):
-            data = decode_data_url(text, self.image_limits.max_bytes)
-        elif text.lower().startswith(("http://", "https://")):
-            data = await fetch_image(text, self.fetch_policy, param=param)
-        else:
-            raise InvalidImageError(
-                "image must be an http(s) URL or a data URL (data:image/png;base64,...)", param=param
-            )
-        return await asyncio.to_thread(load_source_image, data, self.image_limits), data
+        try:
+            if text.lower().startswith("data:"):
+                data = decode_data_url(text, self.image_limits.max_bytes)
+            elif text.lower().startswith(("http://", "https://")):
+                data = await fetch_image(text, self.fetch_policy, param=param)
+            else:
+                raise InvalidImageError(
+                    "image must be an http(s) URL or a data URL (data:image/png;base64,...)"
+                )
+            return await asyncio.to_thread(load_source_image, data, self.image_limits), data
+        except InvalidInputError as error:
+            error.param = param  # each API names its own field (node: source_image)
+            raise
 
     def build_request(self, job: GenerationJob, spec: ModelSpec, source: SourceImage) -> GenerationRequest:
         size = output_size(source.width, source.height, job.width, job.height, min(spec.max_side, 2048))

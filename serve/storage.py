@@ -51,7 +51,9 @@ class ObjectNotFoundError(KeyError):
         return f"no object under key {self.key!r}"
 
 
-def object_key(tenant: str, job_id: str, index: int | str, extension: str, now: datetime | None = None) -> str:
+def object_key(
+    tenant: str, job_id: str, index: int | str, extension: str, now: datetime | None = None
+) -> str:
     """``{tenant}/{yyyy}/{mm}/{dd}/{job_id}/{index}.{ext}``, dated in UTC.
 
     The tenant comes first so one prefix holds everything a tenant owns (listing, deletion, quotas); the

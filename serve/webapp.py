@@ -12,6 +12,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference.errors import InferenceError
 from serve.api import node, rest_v1, system
@@ -42,12 +43,16 @@ def create_app(max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     @app.middleware("http")
     async def record_metrics(request: Request, call_next):
         started = time.perf_counter()
-        response = await call_next(request)
-        metrics = getattr(request.app.state, "metrics", None)
-        route = request.scope.get("route")
-        if metrics is not None and route is not None:  # unmatched paths would explode label cardinality
-            metrics.request_done(route.path, response.status_code, time.perf_counter() - started)
-        return response
+        status = 500  # an exception escaping the handlers is answered with a 500 by Starlette
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            metrics = getattr(request.app.state, "metrics", None)
+            route = request.scope.get("route")
+            if metrics is not None and route is not None:  # unmatched paths would explode label cardinality
+                metrics.request_done(route.path, status, time.perf_counter() - started)
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -68,8 +73,27 @@ def create_app(max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
             logger.warning("%s %s failed: %s (%s)", request.method, request.url.path, error.code, error)
         return translated.response()
 
+    @app.exception_handler(Exception)
+    async def on_unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        # A bug, not a refusal: log the traceback here, never send it (Starlette re-raises it after).
+        logger.error("%s %s crashed", request.method, request.url.path, exc_info=error)
+        return ApiError(500, "internal_error", "internal server error").response()
+
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        # FastAPI parses the body before running dependencies; an unauthenticated caller must still
+        # get 401, not a lesson in our schema.
+        api_keys = getattr(request.app.state, "api_keys", None)
+        if request.url.path.startswith("/v1/") and api_keys is not None:
+            try:
+                api_keys.tenant_for(request.headers.get("authorization"))
+            except InferenceError as auth_error:
+                return api_error(auth_error, _dialect(request).rename).response()
         return _dialect(request).validation(error.errors()).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return ApiError(error.status_code, code, str(error.detail)).response()
 
     return app

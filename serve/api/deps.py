@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from pydantic import BaseModel
 
 from serve.generation import GenerationService
 
@@ -19,3 +20,14 @@ def get_tenant(request: Request) -> str:
 
 ServiceDep = Annotated[GenerationService, Depends(get_service)]
 TenantDep = Annotated[str, Depends(get_tenant)]
+
+
+def explicit_choices(body: BaseModel) -> frozenset[str]:
+    """Fields the caller set to something other than null or the default: only these can draw an
+    'ignored by this model' warning (clients that always send every field must not get warnings)."""
+    fields = type(body).model_fields
+    return frozenset(
+        name
+        for name in body.model_fields_set
+        if getattr(body, name) is not None and getattr(body, name) != fields[name].default
+    )

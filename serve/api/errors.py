@@ -8,7 +8,7 @@ same everywhere: ``{"error": {"code", "message", "details", "param"}}``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,10 @@ class ApiError(Exception):
         return JSONResponse({"error": body}, status_code=self.status, headers=self.headers or None)
 
 
+#: Seconds a client should wait before retrying, for transient server-side states.
+RETRY_AFTER_S: Mapping[str, int] = {"overloaded": 2, "storage_unavailable": 5, "model_unavailable": 10}
+
+
 def status_for(error: InferenceError) -> int:
     if error.code in STATUS_BY_CODE:
         return STATUS_BY_CODE[error.code]
@@ -63,7 +67,9 @@ def api_error(error: InferenceError, rename: Callable[[InferenceError], str] | N
     details = error.details
     if details is None and error.param is not None and isinstance(error, InvalidInputError):
         details = f"parameter: {error.param}"
-    return ApiError(status_for(error), code, error.message, details, error.param)
+    retry = RETRY_AFTER_S.get(error.code)
+    headers = {"Retry-After": str(retry)} if retry else {}
+    return ApiError(status_for(error), code, error.message, details, error.param, headers)
 
 
 def overloaded(
@@ -82,3 +88,10 @@ def describe_validation_error(error: Mapping[str, Any]) -> tuple[str, str]:
     if error.get("type") == "json_invalid":
         return "body", "the request body is not valid JSON"
     return param, f"'{param}': {message}"
+
+
+def validation_summary(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str, str | None]:
+    """(first bad parameter, its message, every problem when there is more than one)."""
+    param, message = describe_validation_error(errors[0])
+    details = "; ".join(describe_validation_error(e)[1] for e in errors) if len(errors) > 1 else None
+    return param, message, details

@@ -17,8 +17,8 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from inference.errors import InferenceError, InvalidInputError
-from serve.api.deps import ServiceDep, TenantDep
-from serve.api.errors import ApiError, describe_validation_error
+from serve.api.deps import ServiceDep, TenantDep, explicit_choices
+from serve.api.errors import ApiError, validation_summary
 from serve.generation import GenerationJob
 
 router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
@@ -38,11 +38,11 @@ class ImageToImageNodeInput(BaseModel):
     guidance_scale: float = Field(7.5, gt=0, le=15)
     image_guidance_scale: float = Field(1.5, gt=0, le=15)
     strength: float = Field(0.8, gt=0, le=1)
-    steps: int = Field(20, gt=0, le=50)
-    batch_size: int = Field(1, gt=0, le=8)
-    seed: int | None = Field(None, ge=0, le=2**63 - 9)
-    width: int = Field(0, ge=0, le=MAX_SIDE, description="0 = the source image's width")
-    height: int = Field(0, ge=0, le=MAX_SIDE, description="0 = the source image's height")
+    steps: int = Field(20, gt=0, le=50, strict=True)
+    batch_size: int = Field(1, gt=0, le=8, strict=True)
+    seed: int | None = Field(None, ge=0, le=2**63 - 9, strict=True)
+    width: int = Field(0, ge=0, le=MAX_SIDE, strict=True, description="0 = the source image's width")
+    height: int = Field(0, ge=0, le=MAX_SIDE, strict=True, description="0 = the source image's height")
     model: str | None = Field(None, description="Model id (GET /v1/models); default: the first configured")
     output_format: Literal["png", "jpeg", "webp"] = "png"
 
@@ -81,7 +81,7 @@ async def image_to_image_node(body: ImageToImageNodeInput, service: ServiceDep, 
         width=body.width,
         height=body.height,
         output_format=body.output_format,
-        explicitly_set=frozenset(body.model_fields_set),
+        explicitly_set=explicit_choices(body),
     )
     done = await service.run(job)
     return ImageToImageNodeOutput(
@@ -117,7 +117,6 @@ class NodeDialect:
         return error.code if error.code in _INFRA_CODES else "generation_failed"
 
     def validation(self, errors: Sequence[dict[str, Any]]) -> ApiError:
-        param, message = describe_validation_error(errors[0])
+        param, message, details = validation_summary(errors)
         code = FIELD_CODES.get(param, "invalid_request" if param == "body" else "invalid_parameter")
-        details = "; ".join(describe_validation_error(e)[1] for e in errors)
         return ApiError(400, code, message, details, param)

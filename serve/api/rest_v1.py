@@ -17,8 +17,8 @@ from fastapi import APIRouter
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_serializer, field_validator
 
 from inference.errors import InferenceError
-from serve.api.deps import ServiceDep, TenantDep
-from serve.api.errors import ApiError, describe_validation_error
+from serve.api.deps import ServiceDep, TenantDep, explicit_choices
+from serve.api.errors import ApiError, validation_summary
 from serve.generation import CompletedJob, GenerationJob
 from serve.styles import STYLES, resolve_style
 
@@ -34,11 +34,11 @@ class ImageToImageRequest(BaseModel):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     model: str | None = Field(None, description="Model id (GET /v1/models); default: the first configured")
     strength: float = Field(0.7, ge=0.1, le=1.0)
-    steps: int = Field(30, ge=1, le=50)
+    steps: int = Field(30, ge=1, le=50, strict=True)
     guidance_scale: float = Field(7.5, gt=0, le=20)
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
-    num_images: int = Field(1, ge=1, le=4)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, strict=True)
+    num_images: int = Field(1, ge=1, le=4, strict=True)
     style: str | None = Field(None, description="A preset from GET /v1/styles")
     webhook_url: AnyHttpUrl | None = Field(None, description="Called with the job object on completion")
     output_format: Literal["png", "jpeg", "webp"] = "png"
@@ -101,7 +101,7 @@ def to_job(body: ImageToImageRequest, tenant: str) -> GenerationJob:
         num_images=body.num_images,
         seed=body.seed,
         output_format=body.output_format,
-        explicitly_set=frozenset(body.model_fields_set),
+        explicitly_set=explicit_choices(body),
     )
 
 
@@ -128,7 +128,10 @@ def to_response(body: ImageToImageRequest, done: CompletedJob) -> ImageToImageRe
 @router.post("/image-to-image", response_model=ImageToImageResponse)
 async def image_to_image(body: ImageToImageRequest, service: ServiceDep, tenant: TenantDep):
     """Transform an image synchronously; the response links the stored outputs."""
-    return to_response(body, await service.run(to_job(body, tenant)))
+    response = to_response(body, await service.run(to_job(body, tenant)))
+    if body.webhook_url is not None:
+        response.warnings.append("webhook_url was accepted but webhook delivery is not available yet")
+    return response
 
 
 @router.get("/styles")
@@ -143,9 +146,6 @@ class RestDialect:
         return error.code
 
     def validation(self, errors: Sequence[dict[str, Any]]) -> ApiError:
-        param, message = describe_validation_error(errors[0])
-        code = "invalid_image" if param == "image" else "invalid_parameter"
-        if param == "body":
-            code = "invalid_request"
-        details = "; ".join(describe_validation_error(e)[1] for e in errors)
+        param, message, details = validation_summary(errors)
+        code = {"image": "invalid_image", "body": "invalid_request"}.get(param, "invalid_parameter")
         return ApiError(400, code, message, details, param)

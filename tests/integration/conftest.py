@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 
 from tests.support.s3server import SETUP_HINT, SeaweedS3Server, find_weed
@@ -17,3 +22,86 @@ def s3_server():
         pytest.fail(f"SeaweedFS `weed` binary not found; {SETUP_HINT}", pytrace=False)
     with SeaweedS3Server() as server:
         yield server
+
+
+@dataclass(frozen=True)
+class Stack:
+    """The running service: its URL, an API key, Ray's metrics exporter and the S3 server behind it."""
+
+    base_url: str
+    api_key: str
+    metrics_url: str
+    s3: SeaweedS3Server
+    bucket: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+def _stack_args(model_dir: Path, bucket: str) -> dict:
+    return {
+        "models": [
+            {
+                "spec": {"id": "tiny-sd", "family": "sd", "source": str(model_dir), "smoke": True},
+                "engine": {"max_batch_samples": 8},
+                "scaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8},
+                "num_cpus": 0.5,
+                "torch_threads": 2,
+                "max_ongoing_requests": 32,
+            }
+        ],
+        "ingress": {"scaling": {"min_replicas": 1, "max_replicas": 1}, "num_cpus": 0.25},
+        "storage": {"kind": "s3", "bucket": bucket, "url_expiry_s": 600},
+        "fetch": {"allow_networks": ["127.0.0.1/32"]},
+        "request_timeout_s": 120,
+    }
+
+
+@pytest.fixture(scope="session")
+def stack(s3_server, tiny_model_dirs) -> Stack:
+    """One Ray cluster (in-process, loopback) with the app deployed on the tiny model and real S3.
+
+    Secrets reach Ray's worker processes through the environment, so they are set before ``ray.init``.
+    """
+    import ray
+    from ray import serve
+
+    from inference.models import Family
+    from serve.app import build_app
+    from tests.support.prometheus import free_port
+
+    api_key = "integration-key-" + "x" * 8
+    os.environ.update(
+        {
+            "IMG2IMG_API_KEYS": json.dumps({api_key: "tenant-a", "integration-key-b-12345": "tenant-b"}),
+            "IMG2IMG_S3_ENDPOINT": s3_server.endpoint,
+            "IMG2IMG_S3_ACCESS_KEY": s3_server.access_key,
+            "IMG2IMG_S3_SECRET_KEY": s3_server.secret_key,
+            "IMG2IMG_S3_SECURE": "false",
+            "RAY_metrics_report_interval_ms": "1000",
+        }
+    )
+    metrics_port, http_port = free_port(), free_port()
+    ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        _metrics_export_port=metrics_port,
+        log_to_driver=False,
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    bucket = "integration-outputs"
+    serve.run(build_app(_stack_args(tiny_model_dirs[Family.SD], bucket)), name="img2img", route_prefix="/")
+    yield Stack(f"http://127.0.0.1:{http_port}", api_key, f"127.0.0.1:{metrics_port}", s3_server, bucket)
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prometheus(stack):
+    from tests.support.prometheus import PrometheusServer
+
+    server = PrometheusServer([stack.metrics_url]).start()
+    yield server
+    server.stop()

@@ -1,0 +1,179 @@
+"""The whole stack over real HTTP: Ray Serve, the tiny model, SeaweedFS S3 and Prometheus."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+from PIL import Image
+
+
+def _png(size=(64, 64), colour=(200, 80, 40)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _wait_for(condition, timeout_s: float, interval_s: float = 0.5, message: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"{message} not met within {timeout_s}s")
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    _wait_for(
+        lambda: httpx.get(f"{stack.base_url}/readyz", timeout=10).status_code == 200, 120, 1, "readiness"
+    )
+    with httpx.Client(base_url=stack.base_url, headers=stack.headers, timeout=120) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    """A loopback HTTP server with one PNG: the source for URL-based requests (allow-listed)."""
+    body = _png((80, 48))
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/source.png"
+    server.shutdown()
+
+
+def _download(url: str) -> Image.Image:
+    response = httpx.get(url, timeout=30)  # presigned: no credentials
+    assert response.status_code == 200, response.text
+    return Image.open(io.BytesIO(response.content))
+
+
+def test_rest_endpoint_returns_urls_of_real_images(client, stack):
+    response = client.post(
+        "/v1/image-to-image",
+        json={"image": _data_url(_png()), "prompt": "a red boat", "num_images": 2, "steps": 10, "seed": 7},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "completed" and body["seed"] == 7 and body["model"] == "tiny-sd"
+    assert len(body["images"]) == 2
+    for image_info in body["images"]:
+        assert stack.s3.endpoint in image_info["url"] and "X-Amz-Signature" in image_info["url"]
+        image = _download(image_info["url"])
+        assert (image.format, image.size) == ("PNG", (64, 64))
+    assert _download(body["original_image"]["url"]).size == (64, 64)
+
+
+def test_node_endpoint_downloads_a_url_source_and_resizes(client, image_server):
+    response = client.post(
+        "/v1/nodes/image_to_image",
+        json={
+            "source_image": image_server,
+            "prompt": "a castle",
+            "negative_prompt": "",
+            "batch_size": 3,
+            "steps": 8,
+            "width": 96,
+            "height": 64,
+        },
+    )
+    assert response.status_code == 200, response.text
+    urls = response.json()["images"]
+    assert len(urls) == 3
+    images = [_download(url) for url in urls]
+    assert {image.size for image in images} == {(96, 64)}
+    assert len({image.tobytes() for image in images}) == 3  # seeds s, s+1, s+2 differ
+
+
+def test_a_bad_request_among_good_ones_fails_alone(client):
+    source = _data_url(_png())
+    bodies = [
+        {"image": source, "prompt": f"good {i}", "steps": 6 + i, "strength": 0.5 + i / 10} for i in range(4)
+    ]
+    bodies.insert(
+        2, {"image": "data:image/png;base64," + base64.b64encode(b"not a png").decode(), "prompt": "bad"}
+    )
+    bodies.insert(4, {"image": source, "prompt": "bad strength", "strength": 3})
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda b: client.post("/v1/image-to-image", json=b), bodies))
+    statuses = [r.status_code for r in responses]
+    assert statuses == [200, 200, 400, 200, 400, 200], [r.text for r in responses]
+    assert responses[2].json()["error"]["code"] == "invalid_image"
+    assert responses[4].json()["error"]["param"] == "strength"
+
+
+def _metric_sum(stack, name: str) -> float:
+    text = httpx.get(f"http://{stack.metrics_url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def test_sixteen_concurrent_mixed_requests_share_denoising_steps(client, stack):
+    source = _data_url(_png())
+    bodies = [
+        {
+            "image": source,
+            "prompt": f"prompt {i}",
+            "strength": (0.3, 0.5, 0.75, 1.0)[i % 4],
+            "steps": (10, 20, 30)[i % 3],
+            "guidance_scale": (3, 5, 7.5, 9)[i % 4],
+            "seed": i,
+        }
+        for i in range(16)
+    ]
+    steps_before = _metric_sum(stack, "ray_img2img_batch_samples_count")
+    samples_before = _metric_sum(stack, "ray_img2img_batch_samples_sum")
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda b: client.post("/v1/image-to-image", json=b), bodies))
+    assert [r.status_code for r in responses] == [200] * 16
+
+    def batched():
+        steps = _metric_sum(stack, "ray_img2img_batch_samples_count") - steps_before
+        samples = _metric_sum(stack, "ray_img2img_batch_samples_sum") - samples_before
+        return steps > 0 and samples >= 16 and (samples, steps)
+
+    samples, steps = _wait_for(batched, 30, 1, "batch metrics exported")
+    assert samples / steps > 1.0, f"mean samples per UNet step {samples / steps:.2f}: no step was shared"
+
+
+def test_prometheus_computes_latency_quantiles_from_our_histogram(client, prometheus):
+    _wait_for(lambda: prometheus.query("up == 1"), 30, 0.5, "Prometheus scraping Ray's exporter")
+    query = "histogram_quantile(0.95, sum by (le) (rate(ray_img2img_request_latency_seconds_bucket[2m])))"
+
+    def has_value():
+        # rate() needs the counters to move between two scrapes, so keep traffic flowing while polling.
+        client.post("/v1/image-to-image", json={"image": _data_url(_png()), "prompt": "probe", "steps": 4})
+        result = prometheus.query(query)
+        return result and result[0]["value"][1] not in ("NaN", "0") and result
+
+    result = _wait_for(has_value, 90, 1, "Prometheus latency quantile")
+    assert 0 < float(result[0]["value"][1]) < 300
+
+
+def test_readiness_and_model_listing(client):
+    ready = client.get("/readyz").json()
+    assert ready == {"status": "ready", "problems": {}}
+    models = client.get("/v1/models").json()["data"]
+    assert [m["id"] for m in models] == ["tiny-sd"] and models[0]["smoke_test_model"] is True

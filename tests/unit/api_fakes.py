@@ -1,0 +1,150 @@
+"""Fakes and helpers for the HTTP-layer tests: a model backend, an app builder, source images.
+
+Nothing here touches Ray or the network: the backend paints solid-colour images, URL sources are
+served by a monkeypatched ``serve.generation.fetch_image``, and the app is driven in-process.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from PIL import Image
+
+from inference.models import ModelRegistry
+from inference.types import GenerationRequest, GenerationResult
+from serve.auth import ApiKeys
+from serve.fetch import FetchPolicy
+from serve.generation import GenerationService
+from serve.storage import LocalObjectStore
+from serve.webapp import create_app
+
+API_KEY = "test-key-123"
+TENANT = "tenant-a"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+BASE_URL = "http://testserver"  # TestClient's host, so stored-file URLs download through the same client
+
+#: sd first (the default model), then sdxl and instruct-pix2pix. Sources are never loaded.
+MODEL_CONFIG: list[dict[str, Any]] = [
+    {"id": "sd-test", "family": "sd", "source": "org/sd"},
+    {"id": "sdxl-test", "family": "sdxl", "source": "org/sdxl"},
+    {"id": "pix2pix-test", "family": "instruct-pix2pix", "source": "org/pix2pix"},
+]
+MODEL_IDS = [m["id"] for m in MODEL_CONFIG]
+
+
+def seed_colour(seed: int) -> tuple[int, int, int]:
+    """A colour that is a function of the seed, so images of different seeds differ."""
+    return (seed * 37 % 256, seed * 91 % 256, seed * 53 % 256)
+
+
+@dataclass
+class FakeBackend:
+    """``ModelBackend`` that returns solid-colour images of the request's size, one per seed."""
+
+    ready: dict[str, str | None] = field(default_factory=lambda: dict.fromkeys(MODEL_IDS))
+    error: BaseException | None = None
+    calls: list[tuple[str, GenerationRequest]] = field(default_factory=list)
+    warnings: tuple[str, ...] = ()
+
+    async def generate(self, model_id: str, request: GenerationRequest) -> GenerationResult:
+        self.calls.append((model_id, request))
+        if self.error is not None:
+            raise self.error
+        images = tuple(Image.new("RGB", request.image.size, seed_colour(s)) for s in request.seeds)
+        return GenerationResult(
+            request_id=request.request_id,
+            images=images,
+            seeds=request.seeds,
+            unet_steps=request.steps * request.num_images,
+            queue_wait_s=0.0,
+            run_s=0.01,
+            warnings=self.warnings,
+        )
+
+    async def readiness(self) -> dict[str, str | None]:
+        return dict(self.ready)
+
+    @property
+    def last(self) -> GenerationRequest:
+        assert self.calls, "the backend was never called"
+        return self.calls[-1][1]
+
+    @property
+    def last_model(self) -> str:
+        assert self.calls, "the backend was never called"
+        return self.calls[-1][0]
+
+
+def build_app(tmp_path: Path, backend: FakeBackend | None = None) -> FastAPI:
+    app = create_app()
+    app.state.service = GenerationService(
+        registry=ModelRegistry.from_config(MODEL_CONFIG),
+        backend=backend or FakeBackend(),
+        store=LocalObjectStore(tmp_path / "store", BASE_URL, b"0123456789abcdef0123"),
+        fetch_policy=FetchPolicy(max_bytes=10 * 1024 * 1024),
+    )
+    app.state.api_keys = ApiKeys.from_plain({API_KEY: TENANT})
+    return app
+
+
+def image_bytes(width: int = 64, height: int = 48, fmt: str = "PNG", colour=(120, 60, 200)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def data_url(width: int = 64, height: int = 48, fmt: str = "PNG") -> str:
+    mime = "image/jpeg" if fmt.upper() == "JPEG" else f"image/{fmt.lower()}"
+    payload = base64.b64encode(image_bytes(width, height, fmt)).decode()
+    return f"data:{mime};base64,{payload}"
+
+
+def decode(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+class FakeFetch:
+    """Stands in for ``serve.generation.fetch_image``: records URLs, returns fixed bytes or raises."""
+
+    def __init__(self, data: bytes | None = None, error: BaseException | None = None) -> None:
+        self.data = data if data is not None else image_bytes(96, 64, "JPEG")
+        self.error = error
+        self.urls: list[str] = []
+
+    async def __call__(self, url: str, policy: FetchPolicy, *, param: str = "image") -> bytes:
+        self.urls.append(url)
+        if self.error is not None:
+            raise self.error
+        return self.data
+
+
+def assert_error(response, status: int, code: str, *, param: str | None = None, mentions=()) -> dict:
+    """The response is ``{"error": {"code", "message", "details", ...}}`` with this status and code."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    error = response.json()["error"]
+    assert {"code", "message", "details"} <= set(error), error
+    assert error["code"] == code, error
+    assert isinstance(error["message"], str) and error["message"], error
+    if param is not None:
+        assert error.get("param") == param, error
+    text = f"{error['message']} {error['details'] or ''}"
+    for word in mentions:
+        assert word in text, (word, error)
+    assert "Traceback" not in response.text and 'File "' not in response.text
+    return error
+
+
+def download(client, url: str) -> bytes:
+    """GET a stored-file URL through the in-process client (the store's base URL is the client's)."""
+    assert url.startswith(f"{BASE_URL}/files/"), url
+    response = client.get(url)
+    assert response.status_code == 200, response.text
+    return response.content
