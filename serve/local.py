@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--models-dir", type=Path, default=Path(".cache/models"))
+    parser.add_argument("--metrics-port", type=int, default=8080, help="Ray's Prometheus exporter port")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -69,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
 
     config = load_serve_config(args.config)
     http = config.get("http_options", {})
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(
+        num_cpus=args.num_cpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        _metrics_export_port=args.metrics_port,
+    )
     serve.start(http_options=http)
     application = config["applications"][0]
     serve.run(
@@ -80,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nimg2img service ready on {base}\n"
         f"  API key (tenant 'dev'): {key}\n"
-        f"  metrics: Ray's Prometheus exporter; see README 'Metrics'\n\n"
+        f"  metrics: http://127.0.0.1:{args.metrics_port}/metrics (see cluster/prometheus.local.yml)\n\n"
         f"Try it:\n  curl -s -X POST {base}/v1/image-to-image \\\n"
         f"    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n"
         f"    -d @{sample}\n\nCtrl-C stops the service.",

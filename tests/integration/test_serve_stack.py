@@ -177,3 +177,35 @@ def test_readiness_and_model_listing(client):
     assert ready == {"status": "ready", "problems": {}}
     models = client.get("/v1/models").json()["data"]
     assert [m["id"] for m in models] == ["tiny-sd"] and models[0]["smoke_test_model"] is True
+
+
+def test_a_model_waiting_for_a_gpu_is_reported_not_ready_instead_of_hanging(stack, tiny_model_dirs):
+    """A replica asking for a GPU never starts on this CPU cluster: /readyz must say so at once."""
+    from ray import serve
+
+    from inference.models import Family
+    from serve.app import build_app
+    from tests.integration.conftest import _stack_args
+
+    args = _stack_args(tiny_model_dirs[Family.SD], stack.bucket)
+    args["models"][0]["num_gpus"] = 1
+    # serve.run waits for RUNNING, which a GPU-less cluster never allows: deploy without waiting.
+    from ray.serve.api import _run
+
+    _run(build_app(args), name="needs-gpu", route_prefix="/needs-gpu", _blocking=False)
+    try:
+        url = f"{stack.base_url}/needs-gpu/readyz"
+
+        def answered():
+            try:
+                response = httpx.get(url, timeout=10)
+            except httpx.HTTPError:
+                return None
+            return response.status_code in (200, 503) and response
+
+        response = _wait_for(answered, 90, 1, "the GPU app's ingress answering")
+        assert response.status_code == 503
+        problem = response.json()["problems"]["model:tiny-sd"]
+        assert "GPU" in problem
+    finally:
+        serve.delete("needs-gpu", _blocking=False)
