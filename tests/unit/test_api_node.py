@@ -396,3 +396,16 @@ def test_url_source_bytes_are_not_required_to_be_jpeg(client, backend, fake_fetc
     fake_fetch.data = image_bytes(16, 16, "WEBP")
     ok(client, EXAMPLE_1)
     assert backend.last.image.size == (16, 16)
+
+
+def test_null_or_default_values_of_ignored_parameters_draw_no_warning(client):
+    # Node clients often send every field; a null prompt_2 or the default image_guidance_scale is no choice.
+    output = ok(client, body(prompt_2=None, image_guidance_scale=1.5))
+    assert "warnings" not in output
+
+
+@pytest.mark.parametrize(("field", "value"), [("steps", True), ("steps", "20"), ("batch_size", 2.0)])
+def test_integer_fields_are_strict(client, field, value):
+    response = post(client, body(**{field: value}))
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == field
