@@ -8,8 +8,8 @@ It never imports torch: images arrive as bytes, leave as encoded files in the ob
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -26,15 +26,21 @@ from inference.images import (
     prepare_source,
 )
 from inference.models import ModelRegistry, ModelSpec
-from inference.types import GenerationRequest, GenerationResult, draw_seed
+from inference.types import GenerationRequest, GenerationResult, Progress, draw_seed
 from serve.fetch import FetchPolicy, fetch_image
 from serve.storage import ObjectStore, new_job_id, object_key
+
+ProgressCallback = Callable[[Progress], Awaitable[None]]
 
 
 class ModelBackend(Protocol):
     """Where generation runs: Ray Serve model deployments in production, a fake in unit tests."""
 
-    async def generate(self, model_id: str, request: GenerationRequest) -> GenerationResult: ...
+    async def generate(
+        self, model_id: str, request: GenerationRequest, on_progress: ProgressCallback | None = None
+    ) -> GenerationResult:
+        """The request's images; ``on_progress`` (if given) is awaited after each denoising step."""
+        ...
 
     async def readiness(self) -> dict[str, str | None]:
         """Model id → None when it can serve now, else why not (e.g. 'waiting for a GPU')."""
@@ -72,6 +78,22 @@ class StoredImage:
     url: str
     width: int
     height: int
+    key: str | None = None  # the object key in our store; None for an echoed external URL
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """A job whose model is known, whose source image is decoded and validated and whose seed is fixed.
+
+    Everything that can be the caller's fault has been checked by now, so an API can answer 202 for an
+    asynchronous job with confidence. ``source_key`` is set once the source bytes are in the store.
+    """
+
+    job: GenerationJob
+    model: ModelSpec
+    source: SourceImage
+    source_bytes: bytes
+    source_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,14 +138,37 @@ class GenerationService:
             error.param = param  # each API names its own field (node: source_image)
             raise
 
-    def build_request(self, job: GenerationJob, spec: ModelSpec, source: SourceImage) -> GenerationRequest:
+    async def prepare(self, job: GenerationJob) -> PreparedJob:
+        """Check everything that can be the caller's fault: model, source image, size. Fixes the seed."""
+        spec = self.registry.get(job.model)
+        source, source_bytes = await self.load_source(job.image, job.image_param)
+        output_size(source.width, source.height, job.width, job.height, min(spec.max_side, 2048))
+        seed = job.seed if job.seed is not None else self.seed_source()
+        return PreparedJob(replace(job, seed=seed), spec, source, source_bytes)
+
+    async def restore(self, job: GenerationJob, source_key: str) -> PreparedJob:
+        """A prepared job again, from its stored source (an asynchronous job resumed by another process)."""
+        data = await self.store.get(source_key)
+        source = await asyncio.to_thread(load_source_image, data, self.image_limits)
+        return PreparedJob(job, self.registry.get(job.model), source, data, source_key)
+
+    async def store_source(self, prepared: PreparedJob) -> PreparedJob:
+        if prepared.source_key is not None:
+            return prepared
+        ext = file_extension(prepared.source.format)
+        key = object_key(prepared.job.tenant, prepared.job.job_id, "source", ext, now=prepared.job.created_at)
+        await self.store.put(key, prepared.source_bytes, content_type(prepared.source.format))
+        return replace(prepared, source_key=key)
+
+    def build_request(self, prepared: PreparedJob) -> GenerationRequest:
+        job, spec, source = prepared.job, prepared.model, prepared.source
         size = output_size(source.width, source.height, job.width, job.height, min(spec.max_side, 2048))
         return GenerationRequest(
             request_id=job.job_id,
             model=spec.id,
             prompt=job.prompt,
             image=prepare_source(source, size),
-            seed=job.seed if job.seed is not None else self.seed_source(),
+            seed=job.seed,
             negative_prompt=job.negative_prompt,
             prompt_2=job.prompt_2,
             negative_prompt_2=job.negative_prompt_2,
@@ -135,20 +180,25 @@ class GenerationService:
             tenant=job.tenant,
         )
 
-    async def run(self, job: GenerationJob) -> CompletedJob:
-        """1. model, 2. source image, 3. request, 4. generate, 5. store outputs and source, 6. describe."""
-        spec = self.registry.get(job.model)
-        source, source_bytes = await self.load_source(job.image, job.image_param)
-        request = await asyncio.to_thread(self.build_request, job, spec, source)
-        result = await self.backend.generate(spec.id, request)
+    async def run(self, job: GenerationJob, on_progress: ProgressCallback | None = None) -> CompletedJob:
+        """Prepare and execute in one go: the synchronous path."""
+        return await self.execute(await self.prepare(job), on_progress)
+
+    async def execute(
+        self, prepared: PreparedJob, on_progress: ProgressCallback | None = None
+    ) -> CompletedJob:
+        """1. request, 2. generate, 3. store outputs (and an inline source), 4. describe."""
+        job = prepared.job
+        request = await asyncio.to_thread(self.build_request, prepared)
+        result = await self.backend.generate(prepared.model.id, request, on_progress)
         stored = await asyncio.gather(
             *(self._store_output(job, i, image) for i, image in enumerate(result.images)),
-            self._source_reference(job, source, source_bytes),
+            self._source_reference(prepared),
         )
-        warnings = spec.unused_parameter_warnings(job.explicitly_set) + result.warnings
+        warnings = prepared.model.unused_parameter_warnings(job.explicitly_set) + result.warnings
         return CompletedJob(
             job=job,
-            model=spec,
+            model=prepared.model,
             seed=request.seed,
             source=stored[-1],
             images=tuple(stored[:-1]),
@@ -160,14 +210,14 @@ class GenerationService:
 
     async def _store_output(self, job: GenerationJob, index: int, image) -> StoredImage:
         data = await asyncio.to_thread(encode_image, image, job.output_format)
-        key = object_key(job.tenant, job.job_id, index, file_extension(job.output_format))
+        key = object_key(job.tenant, job.job_id, index, file_extension(job.output_format), now=job.created_at)
         await self.store.put(key, data, content_type(job.output_format))
-        return StoredImage(await self.store.url(key, self.url_expiry_s), image.width, image.height)
+        return StoredImage(await self.store.url(key, self.url_expiry_s), image.width, image.height, key)
 
-    async def _source_reference(self, job: GenerationJob, source: SourceImage, data: bytes) -> StoredImage:
+    async def _source_reference(self, prepared: PreparedJob) -> StoredImage:
         """A URL source is echoed; an inline (base64) source is stored so the response can link it."""
-        if not job.image.strip().lower().startswith("data:"):
-            return StoredImage(job.image.strip(), source.width, source.height)
-        key = object_key(job.tenant, job.job_id, "source", file_extension(source.format))
-        await self.store.put(key, data, content_type(source.format))
-        return StoredImage(await self.store.url(key, self.url_expiry_s), source.width, source.height)
+        source, image = prepared.source, prepared.job.image.strip()
+        if image.lower().startswith(("http://", "https://")):
+            return StoredImage(image, source.width, source.height)
+        key = (await self.store_source(prepared)).source_key
+        return StoredImage(await self.store.url(key, self.url_expiry_s), source.width, source.height, key)

@@ -19,11 +19,11 @@ from ray.serve.handle import DeploymentHandle
 
 from inference.errors import GenerationError, InferenceError
 from inference.images import ImageLimits
-from inference.types import GenerationRequest, GenerationResult
+from inference.types import GenerationRequest, GenerationResult, Progress
 from serve.auth import ApiKeys
 from serve.config import AppArgs, ModelDeployment, Secrets
 from serve.fetch import FetchPolicy
-from serve.generation import GenerationService
+from serve.generation import GenerationService, ProgressCallback
 from serve.metrics import IngressMetrics
 from serve.storage import LocalObjectStore, S3ObjectStore
 from serve.webapp import create_app
@@ -51,10 +51,20 @@ class RayModelBackend:
         self._models = {m.spec["id"]: m for m in models}
         self._timeout_s = timeout_s
 
-    async def generate(self, model_id: str, request: GenerationRequest) -> GenerationResult:
+    async def generate(
+        self, model_id: str, request: GenerationRequest, on_progress: ProgressCallback | None = None
+    ) -> GenerationResult:
         try:
             async with asyncio.timeout(self._timeout_s):
-                return await self._handles[model_id].generate.remote(request)
+                if on_progress is None:
+                    return await self._handles[model_id].generate.remote(request)
+                stream = self._handles[model_id].options(stream=True).generate_stream.remote(request)
+                async for item in stream:
+                    if isinstance(item, Progress):
+                        await on_progress(item)
+                    else:
+                        return item
+                raise GenerationError("the model replica ended the stream without a result")
         except TimeoutError:
             raise GenerationTimeoutError(
                 f"generation did not finish within {self._timeout_s:.0f}s; the request was canceled"

@@ -16,7 +16,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from inference.errors import GenerationError
+from inference.errors import GenerationError, RequestCancelledError
 from inference.types import GenerationRequest, GenerationResult, Progress
 
 logger = logging.getLogger("serve.worker")
@@ -45,6 +45,7 @@ class ModelWorker:
         self._metrics = WorkerMetrics(self.spec.id)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{self.spec.id}")
         self._futures: dict[str, asyncio.Future] = {}
+        self._progress_queues: dict[str, asyncio.Queue] = {}
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         logger.info("model %s loaded on %s (pid %s)", self.spec.id, device, os.getpid())
@@ -58,22 +59,46 @@ class ModelWorker:
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Queue ``request`` for the engine and wait for its images; cancellation leaves the engine too."""
+        stream = self.generate_stream(request, with_progress=False)
+        try:
+            return await anext(stream)
+        finally:
+            await stream.aclose()
+
+    async def generate_stream(self, request: GenerationRequest, with_progress: bool = True):
+        """Like ``generate``, but yields ``Progress`` after each denoising step, then the result.
+
+        Ray Serve streams these items to the caller (``handle.options(stream=True)``); when the caller
+        goes away the generator is cancelled and the request leaves the engine at its next step.
+        """
         self._ensure_loop()
         if request.request_id in self._futures:
             raise GenerationError(f"request {request.request_id} is already running on this replica")
         future = asyncio.get_running_loop().create_future()
+        updates: asyncio.Queue | None = asyncio.Queue() if with_progress else None
         self._futures[request.request_id] = future
+        if updates is not None:
+            self._progress_queues[request.request_id] = updates
         self._engine.submit(request)
         self._metrics.set_inflight(len(self._futures))
         self._wakeup.set()
         try:
-            return await future
-        except asyncio.CancelledError:
-            self._engine.cancel(request.request_id)
-            self._wakeup.set()
+            while updates is not None and not future.done():
+                waiter = asyncio.ensure_future(updates.get())
+                await asyncio.wait({waiter, future}, return_when=asyncio.FIRST_COMPLETED)
+                if waiter.done():
+                    yield waiter.result()
+                else:
+                    waiter.cancel()
+            yield await future
+        except (asyncio.CancelledError, GeneratorExit):
+            if not future.done():
+                self._engine.cancel(request.request_id)
+                self._wakeup.set()
             raise
         finally:
             self._futures.pop(request.request_id, None)
+            self._progress_queues.pop(request.request_id, None)
             self._metrics.set_inflight(len(self._futures))
 
     async def cancel(self, request_id: str) -> None:
@@ -111,12 +136,18 @@ class ModelWorker:
             outcomes, stats = await loop.run_in_executor(self._executor, self._engine.step)
             if stats is not None:
                 self._metrics.step(stats.samples, stats.step_s)
+            for request_id, updates in self._progress_queues.items():
+                progress = self._engine.progress(request_id)
+                if progress is not None:
+                    updates.put_nowait(progress)
             for outcome in outcomes:
                 self._resolve(outcome)
 
     def _resolve(self, outcome) -> None:
         future = self._futures.get(outcome.request_id)
-        if outcome.error is not None:
+        if isinstance(outcome.error, RequestCancelledError):
+            pass  # the caller left; not a failure of ours
+        elif outcome.error is not None:
             self._metrics.failed()
         else:
             self._metrics.finished(len(outcome.result.images), outcome.result.queue_wait_s)

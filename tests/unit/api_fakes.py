@@ -6,6 +6,7 @@ served by a monkeypatched ``serve.generation.fetch_image``, and the app is drive
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from fastapi import FastAPI
 from PIL import Image
 
 from inference.models import ModelRegistry
-from inference.types import GenerationRequest, GenerationResult
+from inference.types import GenerationRequest, GenerationResult, Progress
 from serve.auth import ApiKeys
 from serve.fetch import FetchPolicy
 from serve.generation import GenerationService
@@ -51,8 +52,14 @@ class FakeBackend:
     calls: list[tuple[str, GenerationRequest]] = field(default_factory=list)
     warnings: tuple[str, ...] = ()
 
-    async def generate(self, model_id: str, request: GenerationRequest) -> GenerationResult:
+    gate: asyncio.Event | None = None  # when set, generation waits for it (to observe running jobs)
+
+    async def generate(self, model_id: str, request: GenerationRequest, on_progress=None) -> GenerationResult:
         self.calls.append((model_id, request))
+        if on_progress is not None:
+            await on_progress(Progress(1, request.steps))
+        if self.gate is not None:
+            await self.gate.wait()
         if self.error is not None:
             raise self.error
         images = tuple(Image.new("RGB", request.image.size, seed_colour(s)) for s in request.seeds)
