@@ -11,11 +11,18 @@ steps ∈ {10, 20, 30}, guidance ∈ {3, 5, 7.5, 9}, random seed and prompt, one
   guidance share every UNet call, joining between steps and leaving as soon as they finish.
 
 For each phase it prints throughput (images/s, requests/s), client-side p50/p95 latency, the HTTP
-error count (must be 0), and the real batch size: mean samples per UNet call, from the deltas of
-Ray's Prometheus exporter series ``ray_img2img_batch_samples_sum`` / ``_count`` (plus the mean
-step time from ``ray_img2img_denoise_step_seconds``). It then prints the cap8/cap1 ratios of
-throughput and p95 latency. Why: this is the end-to-end check that the step-level engine's gain
-survives the serving layer (ingress, Serve routing, storage, JSON/base64), not only the engine alone
+error count (must be 0), and the real batch size, mean samples per UNet call, from the deltas of
+Ray's Prometheus exporter series ``ray_img2img_batch_samples_sum`` / ``_count``. Caveat: Ray's
+exporter rebuilds a histogram's ``_sum`` from bucket MIDPOINTS (``ray/_private/telemetry/
+open_telemetry_metric_recorder.py``), so with buckets 1, 2, 3, 4, 6, 8... a 1-sample step counts
+0.5 and a 3-sample step 2.5: ``_sum/_count`` is biased low (exactly 0.5 at cap 1). ``_count`` (UNet
+calls) is exact, so the script also prints the exact figure: the sample-steps the phase's requests
+needed (``max(1, int(steps * strength))`` each, diffusers' img2img truncation, one sample per image)
+divided by the ``_count`` delta, and the range the ``_bucket`` deltas allow. It then prints the
+cap8/cap1 ratios of throughput and p95 latency.
+
+Why: this is the end-to-end check that the step-level engine's gain survives the serving layer
+(ingress, Serve routing, storage, JSON/base64), not only the engine alone
 (``benchmarks/engine_batching.py``).
 
 By default it starts its own stack: a single-node Ray on loopback (its own metrics export port),
@@ -69,7 +76,6 @@ GUIDANCES = (3.0, 5.0, 7.5, 9.0)
 SUBJECTS = ("a cat on a sofa", "a lighthouse at dusk", "an oil painting of a harbour", "city at night")
 MODIFIERS = ("watercolour", "photograph", "in the rain", "pencil sketch", "neon", "snowy morning")
 BATCH_METRIC = "ray_img2img_batch_samples"
-STEP_METRIC = "ray_img2img_denoise_step_seconds"
 _SERIES = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*(?:\{.*\})?)\s+(\S+)(?:\s+\d+)?$")
 
 
@@ -84,8 +90,9 @@ class PhaseResult:
     elapsed_s: float = 0.0
     latencies_s: list[float] = field(default_factory=list)
     unet_calls: float | None = None
-    unet_samples: float | None = None
-    step_seconds: float | None = None
+    sample_steps: int = 0  # denoising steps the successful requests needed, summed over images
+    unet_samples: float | None = None  # exporter _sum delta (bucket-midpoint approximation)
+    bucket_bounds: tuple[float, float] | None = None  # sample-step range the _bucket deltas allow
 
     @property
     def error_count(self) -> int:
@@ -101,15 +108,21 @@ class PhaseResult:
 
     @property
     def samples_per_step(self) -> float | None:
+        """Exact: sample-steps the requests needed / UNet calls the replica made (errors must be 0)."""
         if not self.unet_calls:
+            return None
+        return self.sample_steps / self.unet_calls
+
+    @property
+    def exporter_samples_per_step(self) -> float | None:
+        """``_sum/_count`` as Prometheus sees it: biased low by Ray's midpoint reconstruction."""
+        if not self.unet_calls or self.unet_samples is None:
             return None
         return self.unet_samples / self.unet_calls
 
     @property
-    def mean_step_ms(self) -> float | None:
-        if not self.unet_calls or self.step_seconds is None:
-            return None
-        return 1000 * self.step_seconds / self.unet_calls
+    def unet_calls_per_s(self) -> float | None:
+        return self.unet_calls / self.elapsed_s if self.unet_calls and self.elapsed_s else None
 
     def latency(self, q: float) -> float | None:
         return percentile(self.latencies_s, q)
@@ -125,7 +138,13 @@ class PhaseResult:
             p95_s=self.latency(95),
             max_s=max(self.latencies_s, default=None),
             samples_per_unet_step=self.samples_per_step,
-            mean_step_ms=self.mean_step_ms,
+            exporter_samples_per_unet_step=self.exporter_samples_per_step,
+            bucket_samples_per_unet_step=(
+                [bound / self.unet_calls for bound in self.bucket_bounds]
+                if self.bucket_bounds and self.unet_calls
+                else None
+            ),
+            unet_calls_per_s=self.unet_calls_per_s,
         )
         return data
 
@@ -161,6 +180,11 @@ def source_images(size: int, count: int = 4, seed: int = 0) -> list[str]:
     return urls
 
 
+def denoise_steps(body: dict[str, Any]) -> int:
+    """UNet steps one image of ``body`` needs: diffusers' img2img ``int(steps * strength)``, at least 1."""
+    return max(1, min(int(body["steps"] * body["strength"]), body["steps"]))
+
+
 def request_body(rng: random.Random, sources: list[str], model: str | None) -> dict[str, Any]:
     body: dict[str, Any] = {
         "image": rng.choice(sources),
@@ -180,23 +204,42 @@ def request_body(rng: random.Random, sources: list[str], model: str | None) -> d
 
 
 def scrape(metrics_url: str | None) -> dict[str, float]:
-    """Every ``ray_img2img_batch_samples`` / ``denoise_step_seconds`` ``_sum``/``_count`` series."""
+    """Every ``ray_img2img_batch_samples`` ``_sum``/``_count``/``_bucket`` series, by full series name."""
     if not metrics_url:
         return {}
     text = httpx.get(f"http://{metrics_url}/metrics", timeout=10).text
     series = {}
     for line in text.splitlines():
-        if not line.startswith((BATCH_METRIC, STEP_METRIC)):
-            continue
-        match = _SERIES.match(line)
-        if match and re.match(rf"^({BATCH_METRIC}|{STEP_METRIC})_(sum|count)\b", match.group(1)):
-            series[match.group(1)] = float(match.group(2))
+        if line.startswith(BATCH_METRIC):
+            match = _SERIES.match(line)
+            if match:
+                series[match.group(1)] = float(match.group(2))
     return series
 
 
 def metric_delta(before: dict[str, float], after: dict[str, float], name: str) -> float:
     """Sum of per-series increases: series of a replica that went away are ignored, new ones start at 0."""
     return sum(value - before.get(key, 0.0) for key, value in after.items() if key.startswith(name + "{"))
+
+
+def bucket_bounds(before: dict[str, float], after: dict[str, float]) -> tuple[float, float] | None:
+    """Sample-step range from the ``_bucket`` deltas: integer observations in (a, b] lie in a+1..b."""
+    cumulative: dict[float, float] = {}
+    for key, value in after.items():
+        match = re.match(rf'^{BATCH_METRIC}_bucket\{{.*\ble="([^"]+)"', key)
+        if match:
+            le = float(match.group(1))
+            cumulative[le] = cumulative.get(le, 0.0) + value - before.get(key, 0.0)
+    if not cumulative:
+        return None
+    low = high = 0.0
+    previous_le, previous_count = 0.0, 0.0
+    for le in sorted(cumulative):
+        count = cumulative[le] - previous_count
+        low += count * (int(previous_le) + 1)
+        high += count * le  # inf if anything landed in the +Inf bucket
+        previous_le, previous_count = le, cumulative[le]
+    return low, high
 
 
 def settled_metrics(metrics_url: str | None, previous: dict[str, float] | None = None) -> dict[str, float]:
@@ -250,6 +293,7 @@ async def client_loop(
         if key is None:
             result.ok += 1
             result.images += body["num_images"]
+            result.sample_steps += body["num_images"] * denoise_steps(body)
             result.latencies_s.append(last_done - start)
         else:
             result.errors[key] = result.errors.get(key, 0) + 1
@@ -302,7 +346,7 @@ def measure(
         after = settled_metrics(metrics_url, before)
         result.unet_calls = metric_delta(before, after, BATCH_METRIC + "_count")
         result.unet_samples = metric_delta(before, after, BATCH_METRIC + "_sum")
-        result.step_seconds = metric_delta(before, after, STEP_METRIC + "_sum")
+        result.bucket_bounds = bucket_bounds(before, after)
     print(
         f"[{label}] {result.ok} ok, {result.error_count} errors in {result.elapsed_s:.1f} s",
         flush=True,
@@ -458,16 +502,29 @@ def report(phases: list[PhaseResult], args: argparse.Namespace) -> dict[str, Any
     )
     print(
         "| cap | requests | images | HTTP errors | time s | req/s | img/s | p50 s | p95 s "
-        "| samples/UNet step | UNet steps | ms/step |"
+        "| samples/UNet step | exporter _sum/_count | UNet calls | UNet calls/s |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for p in phases:
         print(
             f"| {p.label} | {p.ok} | {p.images} | {p.error_count} | {p.elapsed_s:.1f} "
             f"| {p.requests_per_s:.2f} | {p.images_per_s:.2f} | {_fmt(p.latency(50), '.2f')} "
             f"| {_fmt(p.latency(95), '.2f')} | {_fmt(p.samples_per_step, '.2f')} "
-            f"| {_fmt(p.unet_calls, '.0f')} | {_fmt(p.mean_step_ms, '.1f')} |"
+            f"| {_fmt(p.exporter_samples_per_step, '.2f')} | {_fmt(p.unet_calls, '.0f')} "
+            f"| {_fmt(p.unet_calls_per_s, '.1f')} |"
         )
+    print(
+        "\nsamples/UNet step = sample-steps the requests needed / UNet calls (the _count delta); the "
+        "exporter's _sum is rebuilt from bucket midpoints by Ray (a 1-sample step counts 0.5), so "
+        "_sum/_count is biased low."
+    )
+    for p in phases:
+        if p.bucket_bounds and p.unet_calls:
+            low, high = (bound / p.unet_calls for bound in p.bucket_bounds)
+            print(
+                f"  {p.label}: {p.sample_steps} sample-steps over {p.unet_calls:.0f} calls; "
+                f"_bucket deltas allow {low:.2f}..{high:.2f} samples/call"
+            )
     ratios = {}
     if len(phases) >= 2:
         base = phases[0]

@@ -15,6 +15,7 @@ from ray import serve
 from ray.serve import Application
 
 from serve.config import AppArgs, ModelDeployment
+from serve.coordinator import JobCoordinator
 from serve.ingress import Ingress
 from serve.worker import ModelWorker
 
@@ -47,4 +48,10 @@ def build_app(args: dict[str, Any]) -> Application:
         max_ongoing_requests=parsed.ingress.max_ongoing_requests,
         max_queued_requests=parsed.ingress.max_queued_requests,
     )
-    return ingress.bind(parsed.model_dump(mode="json"), handles)
+    args_json = parsed.model_dump(mode="json")
+    # One coordinator replica owns durable jobs (idempotency and cancellation stay race-free); it only
+    # awaits, so it needs little CPU, and Serve restarts it if it dies.
+    coordinator = serve.deployment(JobCoordinator).options(
+        name="JobCoordinator", num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1000
+    )
+    return ingress.bind(args_json, handles, coordinator.bind(args_json, handles))

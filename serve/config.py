@@ -120,11 +120,21 @@ class FetchArgs(_Strict):
     timeout_s: float = Field(20, gt=0)
 
 
+class WebhookArgs(_Strict):
+    """Delivery of job webhooks: bounded attempts with exponential backoff."""
+
+    max_attempts: int = Field(5, ge=1, le=20)
+    first_delay_s: float = Field(1.0, ge=0)
+    max_delay_s: float = Field(60.0, ge=0)
+    timeout_s: float = Field(10.0, gt=0)
+
+
 class AppArgs(_Strict):
     models: list[ModelDeployment] = Field(min_length=1)
     ingress: IngressDeployment = IngressDeployment()
     storage: StorageArgs = StorageArgs()
     fetch: FetchArgs = FetchArgs()
+    webhooks: WebhookArgs = WebhookArgs()
     request_timeout_s: float = Field(300, gt=0, description="a request waiting longer gets 504")
     max_side: int = Field(2048, ge=64, le=4096)
 
@@ -145,6 +155,7 @@ class Secrets(BaseSettings):
     dev_api_key: str | None = Field(None, description="one key for the 'dev' tenant (local runs)")
     api_keys: dict[str, str] = Field(default_factory=dict, description="JSON {key: tenant}")
     url_signing_key: str | None = Field(None, description="HMAC key for local-store URLs")
+    webhook_secret: str | None = Field(None, description="HMAC key that signs webhook deliveries")
     s3_endpoint: str | None = None
     s3_public_endpoint: str | None = None
     s3_access_key: str | None = None
@@ -152,7 +163,7 @@ class Secrets(BaseSettings):
     s3_secure: bool = True
     s3_region: str = "us-east-1"
 
-    @field_validator("dev_api_key", "url_signing_key", "s3_secret_key")
+    @field_validator("dev_api_key", "url_signing_key", "webhook_secret", "s3_secret_key")
     @classmethod
     def _no_placeholder(cls, value: str | None) -> str | None:
         if value is not None and (value.strip().lower() in PLACEHOLDERS or len(value.strip()) < 8):

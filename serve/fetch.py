@@ -231,9 +231,24 @@ class _PinnedTransport(httpx.AsyncHTTPTransport):
         )
 
 
+def pinned_client(policy: FetchPolicy, param: str | None = "image", **kwargs: Any) -> httpx.AsyncClient:
+    """An httpx client whose every connection goes to a checked, pinned address (webhooks use it too).
+
+    It never follows redirects by itself and ignores proxy variables; callers run ``check_url`` on
+    each URL first so schemes, credentials and literal addresses are refused before any I/O.
+    """
+    timeout = httpx.Timeout(policy.read_timeout_s, connect=policy.connect_timeout_s)
+    return httpx.AsyncClient(
+        transport=_PinnedTransport(policy, param),
+        timeout=timeout,
+        trust_env=False,
+        follow_redirects=False,
+        **kwargs,
+    )
+
+
 async def fetch_image(url: str, policy: FetchPolicy, *, param: str = "image") -> bytes:
     """Download ``url`` under ``policy``; raise SourceFetchError / ImageTooLargeError (both 4xx)."""
-    timeout = httpx.Timeout(policy.read_timeout_s, connect=policy.connect_timeout_s)
     headers = {"User-Agent": policy.user_agent, "Accept": "image/*", "Accept-Encoding": "identity"}
     try:
         current = httpx.URL(url)
@@ -241,9 +256,7 @@ async def fetch_image(url: str, policy: FetchPolicy, *, param: str = "image") ->
         raise SourceFetchError(f"source image URL is malformed: {exc}", param=param) from None
     try:
         # The deadline sits inside the client so closing the connections is not itself cancelled.
-        async with httpx.AsyncClient(
-            transport=_PinnedTransport(policy, param), timeout=timeout, trust_env=False
-        ) as client:
+        async with pinned_client(policy, param) as client:
             with anyio.fail_after(policy.total_timeout_s):
                 for _ in range(policy.max_redirects + 1):
                     check_url(current, policy, param)

@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     key = os.environ.setdefault("IMG2IMG_DEV_API_KEY", "dev-" + secrets.token_urlsafe(18))
     os.environ.setdefault("IMG2IMG_URL_SIGNING_KEY", secrets.token_urlsafe(32))
+    os.environ.setdefault("IMG2IMG_WEBHOOK_SECRET", secrets.token_urlsafe(32))
 
     from inference.tiny import ensure_tiny_models
 

@@ -15,13 +15,17 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference.errors import InferenceError
-from serve.api import node, rest_v1, system
+from serve.api import jobs, node, openai, rest_v1, system
 from serve.api.errors import ApiError, api_error
 
 logger = logging.getLogger("serve.webapp")
 
 #: Path prefix → the API whose error vocabulary applies (first match wins).
-DIALECTS = (("/v1/nodes/", node.NodeDialect()), ("/", rest_v1.RestDialect()))
+DIALECTS = (
+    ("/v1/nodes/", node.NodeDialect()),
+    ("/v1/images/", openai.OpenAIDialect()),
+    ("/", rest_v1.RestDialect()),
+)
 
 #: A 10 MB image is ~13.4 MB as base64; anything far beyond is refused before it is read.
 MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -31,13 +35,19 @@ def _dialect(request: Request):
     return next(d for prefix, d in DIALECTS if request.url.path.startswith(prefix))
 
 
+def _render(request: Request, error: ApiError) -> JSONResponse:
+    """The error in the envelope of the API the path belongs to (a dialect may bring its own)."""
+    render = getattr(_dialect(request), "render", None)
+    return render(error) if render is not None else error.response()
+
+
 def create_app(max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(
         title="img2img service",
         version="1",
         description="Image-to-image diffusion with step-level batching. Authenticate with 'Bearer <key>'.",
     )
-    for module in (rest_v1, node, system):
+    for module in (rest_v1, jobs, node, openai, system):
         app.include_router(module.router)
 
     @app.middleware("http")
@@ -59,25 +69,25 @@ def create_app(max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > max_body_bytes:
             limit = f"{max_body_bytes // (1024 * 1024)} MB"
-            return ApiError(413, "payload_too_large", f"request body exceeds {limit}").response()
+            return _render(request, ApiError(413, "payload_too_large", f"request body exceeds {limit}"))
         return await call_next(request)
 
     @app.exception_handler(ApiError)
-    async def on_api_error(_: Request, error: ApiError) -> JSONResponse:
-        return error.response()
+    async def on_api_error(request: Request, error: ApiError) -> JSONResponse:
+        return _render(request, error)
 
     @app.exception_handler(InferenceError)
     async def on_inference_error(request: Request, error: InferenceError) -> JSONResponse:
         translated = api_error(error, _dialect(request).rename)
         if translated.status >= 500:
             logger.warning("%s %s failed: %s (%s)", request.method, request.url.path, error.code, error)
-        return translated.response()
+        return _render(request, translated)
 
     @app.exception_handler(Exception)
     async def on_unexpected_error(request: Request, error: Exception) -> JSONResponse:
         # A bug, not a refusal: log the traceback here, never send it (Starlette re-raises it after).
         logger.error("%s %s crashed", request.method, request.url.path, exc_info=error)
-        return ApiError(500, "internal_error", "internal server error").response()
+        return _render(request, ApiError(500, "internal_error", "internal server error"))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -88,12 +98,12 @@ def create_app(max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
             try:
                 api_keys.tenant_for(request.headers.get("authorization"))
             except InferenceError as auth_error:
-                return api_error(auth_error, _dialect(request).rename).response()
-        return _dialect(request).validation(error.errors()).response()
+                return _render(request, api_error(auth_error, _dialect(request).rename))
+        return _render(request, _dialect(request).validation(error.errors()))
 
     @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return ApiError(error.status_code, code, str(error.detail)).response()
+        return _render(request, ApiError(error.status_code, code, str(error.detail)))
 
     return app

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from pydantic import BaseModel
 
 from serve.generation import GenerationService
+from serve.jobs import JobStore
 
 
 def get_service(request: Request) -> GenerationService:
@@ -18,7 +19,18 @@ def get_tenant(request: Request) -> str:
     return request.app.state.api_keys.tenant_for(request.headers.get("authorization"))
 
 
+def get_jobs(request: Request):
+    """The job coordinator (a Ray handle adapter in production, an in-process JobRunner in tests)."""
+    return request.app.state.jobs
+
+
+def get_job_store(request: Request) -> JobStore:
+    return request.app.state.job_store
+
+
 ServiceDep = Annotated[GenerationService, Depends(get_service)]
+JobsDep = Annotated[Any, Depends(get_jobs)]
+JobStoreDep = Annotated[JobStore, Depends(get_job_store)]
 TenantDep = Annotated[str, Depends(get_tenant)]
 
 

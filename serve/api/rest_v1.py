@@ -11,20 +11,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header
+from fastapi.responses import JSONResponse
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_serializer, field_validator
 
 from inference.errors import InferenceError
-from serve.api.deps import ServiceDep, TenantDep, explicit_choices
-from serve.api.errors import ApiError, validation_summary
+from serve.api.deps import JobsDep, JobStoreDep, ServiceDep, TenantDep, explicit_choices
+from serve.api.errors import STATUS_BY_CODE, ApiError, validation_summary
+from serve.api.job_views import completed_record, job_object, new_record
 from serve.generation import CompletedJob, GenerationJob
+from serve.jobs import JobState, fingerprint
 from serve.styles import STYLES, resolve_style
+from serve.webhooks import check_webhook_url
 
 router = APIRouter(prefix="/v1", tags=["image-to-image"])
 
 MAX_PROMPT_CHARS = 2000
+SYNC_WAIT_S = 300.0  # an idempotent synchronous request waits this long, then answers 202
 
 
 class ImageToImageRequest(BaseModel):
@@ -125,13 +130,51 @@ def to_response(body: ImageToImageRequest, done: CompletedJob) -> ImageToImageRe
     )
 
 
-@router.post("/image-to-image", response_model=ImageToImageResponse)
-async def image_to_image(body: ImageToImageRequest, service: ServiceDep, tenant: TenantDep):
-    """Transform an image synchronously; the response links the stored outputs."""
-    response = to_response(body, await service.run(to_job(body, tenant)))
-    if body.webhook_url is not None:
-        response.warnings.append("webhook_url was accepted but webhook delivery is not available yet")
-    return response
+DISPLAY_FIELDS = {"prompt", "negative_prompt", "strength", "steps", "guidance_scale", "style"}
+
+
+@router.post(
+    "/image-to-image",
+    response_model=ImageToImageResponse,
+    responses={202: {"description": "Accepted for asynchronous processing; poll the Location URL"}},
+)
+async def image_to_image(
+    body: ImageToImageRequest,
+    service: ServiceDep,
+    tenant: TenantDep,
+    jobs: JobsDep,
+    job_store: JobStoreDep,
+    prefer: Annotated[str | None, Header()] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+):
+    """Transform an image. Synchronous by default; asynchronous (202 + Location) with a
+    ``webhook_url`` or ``Prefer: respond-async``; idempotent with an ``Idempotency-Key``."""
+    job = to_job(body, tenant)
+    webhook_url = str(body.webhook_url) if body.webhook_url is not None else None
+    if webhook_url is not None:
+        check_webhook_url(webhook_url, service.fetch_policy)
+    respond_async = webhook_url is not None or "respond-async" in (prefer or "").lower()
+    display = body.model_dump(mode="json", include=DISPLAY_FIELDS)
+    if not respond_async and idempotency_key is None:
+        done = await service.run(job)
+        await job_store.save(completed_record(done, display, None))
+        return to_response(body, done)
+
+    prepared = await service.store_source(await service.prepare(job))
+    record = new_record(prepared, display, webhook_url)
+    idempotency = (idempotency_key, fingerprint(body.model_dump(mode="json"))) if idempotency_key else None
+    job_id = await jobs.accept(record, idempotency)
+    if not respond_async:  # synchronous but idempotent: the coordinator runs it; we wait for the outcome
+        record = await jobs.wait(tenant, job_id, SYNC_WAIT_S)
+        if record.status is JobState.FAILED:
+            error = record.error or {}
+            code = error.get("code", "generation_failed")
+            raise ApiError(STATUS_BY_CODE.get(code, 500), code, error.get("message", "generation failed"))
+    else:
+        record = await job_store.load(tenant, job_id)
+    status = 200 if record.status is JobState.COMPLETED else 202
+    headers = {"Location": f"/v1/image-to-image/{job_id}"}
+    return JSONResponse(await job_object(record, service.store, service.url_expiry_s), status, headers)
 
 
 @router.get("/styles")

@@ -21,8 +21,11 @@ from inference.types import GenerationRequest, GenerationResult, Progress
 from serve.auth import ApiKeys
 from serve.fetch import FetchPolicy
 from serve.generation import GenerationService
+from serve.job_runner import JobRunner
+from serve.jobs import JobStore
 from serve.storage import LocalObjectStore
 from serve.webapp import create_app
+from serve.webhooks import WebhookPolicy
 
 API_KEY = "test-key-123"
 TENANT = "tenant-a"
@@ -87,6 +90,9 @@ class FakeBackend:
         return self.calls[-1][0]
 
 
+WEBHOOK_SECRET = b"webhook-secret-for-tests"
+
+
 def build_app(tmp_path: Path, backend: FakeBackend | None = None) -> FastAPI:
     app = create_app()
     app.state.service = GenerationService(
@@ -96,6 +102,14 @@ def build_app(tmp_path: Path, backend: FakeBackend | None = None) -> FastAPI:
         fetch_policy=FetchPolicy(max_bytes=10 * 1024 * 1024),
     )
     app.state.api_keys = ApiKeys.from_plain({API_KEY: TENANT})
+    app.state.job_store = JobStore(app.state.service.store)
+    app.state.jobs = JobRunner(
+        app.state.service,
+        app.state.job_store,
+        webhook_secret=WEBHOOK_SECRET,
+        webhook_policy=WebhookPolicy(max_attempts=3, first_delay_s=0.05, timeout_s=2),
+        fetch_policy=FetchPolicy(allow_networks=("127.0.0.1/32",)),
+    )
     return app
 
 

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from inference.errors import GenerationError, ImageTooLargeError
+from serve import job_runner
 from serve.fetch import SourceFetchError
 from serve.storage import StorageUnavailableError
 from serve.styles import STYLES
@@ -200,8 +201,19 @@ def test_style_without_negative_prompt(client, backend):
 
 
 @pytest.mark.parametrize("url", ["https://hooks.example.com/done", "http://example.com:8080/x?y=1"])
-def test_http_webhook_urls_are_accepted(client, url):
-    ok(client, body(webhook_url=url))
+def test_http_webhook_urls_are_accepted_for_asynchronous_delivery(client, url, monkeypatch):
+    delivered = []
+
+    async def fake_deliver(target, payload, *args, **kwargs):  # no network in unit tests
+        delivered.append((target, payload["status"]))
+        return True
+
+    monkeypatch.setattr(job_runner, "deliver", fake_deliver)
+    response = post(client, body(webhook_url=url))
+    assert response.status_code == 202, response.text
+    assert response.headers["location"] == f"/v1/image-to-image/{response.json()['id']}"
+    client.portal.call(client.app.state.jobs.drain)
+    assert delivered == [(url, "completed")]
 
 
 @pytest.mark.parametrize("url", ["ftp://example.com/hook", "not a url", "example.com/hook", ""])

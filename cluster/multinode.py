@@ -1,0 +1,337 @@
+"""A real multi-node Ray cluster on one machine: a head node and a separately started inference node.
+
+    cluster/start_multinode.sh start    # head (resource head) + worker (resource inference_node)
+    cluster/start_multinode.sh deploy   # the local Serve config, model replicas pinned to the worker
+    cluster/start_multinode.sh status   # nodes and the node each Serve replica landed on (state API)
+    cluster/start_multinode.sh stop     # ends the processes this script started, and only those
+
+Each node is its own ``ray start --block`` process (own session, own ports, own temp dir), so nothing
+touches another Ray on this machine: no ``ray stop`` (it kills every Ray process of every user), no
+``/tmp/ray/ray_current_cluster`` (a plain ``ray.init()`` elsewhere would join this cluster). Everything
+binds to 127.0.0.1. The deployed config is *derived* at deploy time from
+``cluster/serve_config.local.yaml`` (model deployments ask for ``{"inference_node": 1}``, the HTTP port
+and paths are filled in), never kept as a second copy. State (addresses, pids, the dev API key) lives
+in ``--state-dir`` (default ``var/multinode``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCAL_CONFIG = ROOT / "cluster" / "serve_config.local.yaml"
+BIN = Path(sys.executable).parent
+INFERENCE_RESOURCE = "inference_node"
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise TimeoutError(f"{what}: not within {timeout_s:.0f}s")
+
+
+class State:
+    """The cluster's addresses, pids and secrets, as JSON in the state folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder / "cluster.json"
+
+    def load(self) -> dict[str, Any]:
+        if not self.path.exists():
+            raise SystemExit(f"no cluster recorded in {self.path}: run `start` first")
+        return json.loads(self.path.read_text())
+
+    def save(self, data: dict[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(data, indent=2))
+        self.path.chmod(0o600)  # holds the dev API key
+
+
+def node_env(state: dict[str, Any]) -> dict[str, str]:
+    """The environment of every Ray process (Serve replicas inherit it): secrets and offline switches."""
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.update(
+        {
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "HF_HUB_OFFLINE": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "IMG2IMG_DEV_API_KEY": state["api_key"],
+            "IMG2IMG_URL_SIGNING_KEY": state["url_signing_key"],
+        }
+    )
+    return env
+
+
+def _ray_start(args: list[str], log: Path, env: dict[str, str]) -> int:
+    """Start one node as its own ``ray start --block`` process group; returns its pid."""
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--block", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+    return process.pid
+
+
+def _node_ports() -> list[str]:
+    """Per-node ports that would otherwise default to fixed numbers shared by every node on a host."""
+    return [
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        "--min-worker-port=0",  # 0: ephemeral ports, so two raylets never hand out the same one
+        "--max-worker-port=0",
+    ]
+
+
+def _alive_nodes(dashboard: str) -> list[dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"{dashboard}/api/v0/nodes?detail=1&limit=100", timeout=5) as response:
+            body = json.load(response)
+    except OSError:
+        return []
+    return [n for n in body["data"]["result"]["result"] if n["state"] == "ALIVE"]
+
+
+def start(state_store: State, head_cpus: int, worker_cpus: int, timeout_s: float) -> dict[str, Any]:
+    temp_dir = tempfile.mkdtemp(prefix="i2i-mn-", dir="/tmp")  # short: Unix socket paths live here
+    logs = state_store.folder / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    gcs_port, dashboard_port = free_port(), free_port()
+    state: dict[str, Any] = {
+        "address": f"{HOST}:{gcs_port}",
+        "dashboard": f"http://{HOST}:{dashboard_port}",
+        "temp_dir": temp_dir,
+        "api_key": os.environ.get("IMG2IMG_DEV_API_KEY") or "dev-" + secrets.token_urlsafe(18),
+        "url_signing_key": os.environ.get("IMG2IMG_URL_SIGNING_KEY") or secrets.token_urlsafe(32),
+        "pids": {},
+    }
+    state_store.save(state)
+    env = node_env(state)
+    common = [f"--node-ip-address={HOST}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    state["pids"]["head"] = _ray_start(
+        [
+            "--head",
+            f"--port={gcs_port}",
+            f"--num-cpus={head_cpus}",
+            "--num-gpus=0",
+            "--resources=" + json.dumps({"head": 1}),
+            f"--ray-client-server-port={free_port()}",
+            # The dashboard serves the state API (`ray list actors`) and `serve deploy`; loopback only.
+            "--include-dashboard=true",
+            f"--dashboard-host={HOST}",
+            f"--dashboard-port={dashboard_port}",
+            *common,
+            *_node_ports(),
+        ],
+        logs / "head.log",
+        env,
+    )
+    state_store.save(state)
+    wait_for(lambda: len(_alive_nodes(state["dashboard"])) >= 1, timeout_s, "head node alive")
+    state["pids"]["worker"] = _ray_start(
+        [
+            f"--address={state['address']}",
+            f"--num-cpus={worker_cpus}",
+            "--num-gpus=0",
+            "--resources=" + json.dumps({INFERENCE_RESOURCE: 1}),
+            *common,
+            *_node_ports(),
+        ],
+        logs / "worker.log",
+        env,
+    )
+    state_store.save(state)
+    wait_for(lambda: len(_alive_nodes(state["dashboard"])) >= 2, timeout_s, "worker node alive")
+    return state
+
+
+def derived_serve_config(http_port: int) -> dict[str, Any]:
+    """``serve_config.local.yaml`` made multi-node: model replicas need the inference node's resource."""
+    config = yaml.safe_load(LOCAL_CONFIG.read_text())
+    config["http_options"].update({"host": HOST, "port": http_port})
+    app = config["applications"][0]
+    for model in app["args"]["models"]:
+        model["resources"] = {INFERENCE_RESOURCE: 1}
+        source = Path(model["spec"]["source"])
+        if not source.is_absolute() and (ROOT / source).parent.is_dir():
+            model["spec"]["source"] = str(ROOT / source)  # replicas may run with another cwd
+    storage = app["args"]["storage"]
+    if storage.get("kind") == "local":
+        storage["local_root"] = str(ROOT / storage.get("local_root", "var/outputs"))
+        storage["public_base_url"] = f"http://{HOST}:{http_port}"
+    return config
+
+
+def deploy(state_store: State, http_port: int, timeout_s: float) -> dict[str, Any]:
+    state = state_store.load()
+    from inference.tiny import ensure_tiny_models  # the local config's smoke model, built offline
+
+    ensure_tiny_models(ROOT / ".cache" / "models")
+    config_path = state_store.folder / "serve_config.multinode.yaml"
+    config_path.write_text(
+        "# Generated by cluster/multinode.py from cluster/serve_config.local.yaml: do not edit.\n"
+        + yaml.safe_dump(derived_serve_config(http_port), sort_keys=False)
+    )
+    subprocess.run(
+        [str(BIN / "serve"), "deploy", "--address", state["dashboard"], str(config_path)],
+        check=True,
+        env=node_env(state),
+        cwd=ROOT,
+        timeout=timeout_s,
+    )
+    state["http"] = f"http://{HOST}:{http_port}"
+    state_store.save(state)
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"{state['http']}/readyz", timeout=5) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    wait_for(ready, timeout_s, "the application ready (/readyz 200)", interval_s=1)
+    return state
+
+
+def placement(state: dict[str, Any]) -> dict[str, Any]:
+    """Nodes and Serve actors with the node each runs on, from Ray's state API."""
+    from ray.util.state import list_actors, list_nodes
+
+    nodes = [
+        {
+            "node_id": n.node_id,
+            "is_head": n.is_head_node,
+            "resources": n.resources_total,
+            "state": n.state,
+        }
+        for n in list_nodes(address=state["dashboard"], detail=True, raise_on_missing_output=False)
+        if n.state == "ALIVE"
+    ]
+    actors = [
+        {"class_name": a.class_name, "name": a.name, "node_id": a.node_id, "pid": a.pid}
+        for a in list_actors(
+            address=state["dashboard"],
+            filters=[("state", "=", "ALIVE")],
+            detail=True,
+            raise_on_missing_output=False,
+        )
+        if a.class_name.startswith(("ServeReplica:", "ServeController", "ProxyActor"))
+    ]
+    return {"nodes": nodes, "actors": sorted(actors, key=lambda a: a["class_name"])}
+
+
+def print_placement(info: dict[str, Any]) -> None:
+    names = {}
+    for node in info["nodes"]:
+        custom = {k: v for k, v in node["resources"].items() if k in ("head", INFERENCE_RESOURCE, "CPU")}
+        role = "head" if node["is_head"] else "worker"
+        names[node["node_id"]] = f"{role}:{node['node_id'][:8]}"
+        print(f"node {names[node['node_id']]:<16} {node['state']:<6} {custom}")
+    for actor in info["actors"]:
+        print(f"  {actor['class_name']:<40} on {names.get(actor['node_id'], actor['node_id'])}")
+
+
+def stop(state_store: State, timeout_s: float = 30) -> None:
+    """SIGTERM each node's ``ray start --block`` process group (this script's own), then SIGKILL leftovers."""
+    if not state_store.path.exists():
+        print("no cluster recorded: nothing to stop")
+        return
+    state = state_store.load()
+    pids = list(state.get("pids", {}).values())
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.killpg(pid, signum)  # start_new_session: the group id is the `ray start` pid
+            except ProcessLookupError:
+                pass
+        try:
+            wait_for(lambda: not _group_alive(pids), timeout_s, "node processes to exit")
+            break
+        except TimeoutError:
+            continue
+    shutil.rmtree(state["temp_dir"], ignore_errors=True)
+    state_store.path.unlink()
+    print(f"stopped nodes {pids}")
+
+
+def _group_alive(pgids: list[int]) -> bool:
+    for pgid in pgids:
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            return True
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["start", "deploy", "status", "stop", "up"])
+    parser.add_argument("--state-dir", type=Path, default=ROOT / "var" / "multinode")
+    parser.add_argument("--head-cpus", type=int, default=1)
+    parser.add_argument("--worker-cpus", type=int, default=2)
+    parser.add_argument("--http-port", type=int, default=0, help="Serve HTTP port (0: a free one)")
+    parser.add_argument("--timeout-s", type=float, default=180)
+    parser.add_argument("--json", action="store_true", help="status: print JSON")
+    args = parser.parse_args(argv)
+    store = State(args.state_dir.resolve())
+
+    if args.command in ("start", "up"):
+        if store.path.exists():
+            raise SystemExit(f"a cluster is already recorded in {store.path}: run `stop` first")
+        state = start(store, args.head_cpus, args.worker_cpus, args.timeout_s)
+        print(f"cluster up: RAY_ADDRESS={state['address']}  state API / serve deploy: {state['dashboard']}")
+    if args.command in ("deploy", "up"):
+        state = deploy(store, args.http_port or free_port(), args.timeout_s)
+        print(f"application ready on {state['http']}  (API key, tenant 'dev': {state['api_key']})")
+    if args.command in ("status", "up"):
+        info = placement(store.load())
+        if args.json:
+            print(json.dumps(info))
+        else:
+            print_placement(info)
+    if args.command == "stop":
+        stop(store)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,211 @@
+"""``POST /v1/images/edits``: OpenAI's image-edit API, so the ``openai`` client's ``images.edit`` works.
+
+Multipart/form-data in, ``{"created", "data": [{"url"} | {"b64_json"}]}`` out, errors in OpenAI's
+shape ``{"error": {"message", "type", "param", "code"}}``. What we accept, and where we differ:
+
+* ``image`` (one file) or ``image[]`` (what the client sends for a list). Exactly one source image:
+  more than one is refused with a 400 (param ``image``) rather than silently dropped. The bytes pass
+  the same checks as a base64 source (10 MB, JPEG/PNG/WEBP sniffed from the content, pixel limits).
+* ``prompt`` (required, up to 2000 characters), ``model`` (one of ``GET /v1/models``; default: the
+  first configured). OpenAI's model names (``dall-e-2``, ``gpt-image-1``) are NOT aliased: an unknown
+  model is a 400 ``model_not_found`` that lists ours.
+* ``n`` 1-4 (default 1, the REST spec's bound), ``response_format`` ``url`` (default; presigned, they
+  expire) or ``b64_json`` (PNG bytes), ``size`` ``WxH`` with each side 1-2048 or ``auto``/absent for
+  the source size; sides are rounded to multiples of 8 (``inference.images.output_size``).
+* ``mask`` is refused (400, param ``mask``): inpainting is not offered. ``stream=true`` is refused.
+  ``user`` is accepted and ignored. Any other field is a 400 ``unknown_parameter`` (as OpenAI does).
+* Extensions, e.g. through the client's ``extra_body``: ``strength`` 0.1-1.0 (0.7), ``steps`` 1-50
+  (30), ``guidance_scale`` (0, 20] (7.5), ``negative_prompt``, ``seed`` 0..2^32-1. The response has a
+  ``warnings`` list only when a parameter was ignored by the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Form, UploadFile
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+from inference.errors import ImageTooLargeError, InferenceError, InvalidInputError
+from inference.images import MAX_IMAGE_HEIGHT, MAX_IMAGE_WIDTH
+from serve.api.deps import ServiceDep, TenantDep, explicit_choices
+from serve.api.errors import ApiError, validation_summary
+from serve.api.rest_v1 import MAX_PROMPT_CHARS
+from serve.generation import CompletedJob, GenerationJob, GenerationService
+
+router = APIRouter(prefix="/v1/images", tags=["openai"])
+
+_SIZE = re.compile(r"\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*")
+
+
+def parse_size(size: str | None) -> tuple[int, int]:
+    """``"WxH"`` → (W, H); ``"auto"`` or absent → (0, 0), the source size."""
+    if size is None or size.strip().lower() in ("", "auto"):
+        return 0, 0
+    match = _SIZE.fullmatch(size)
+    width, height = (int(side) for side in match.groups()) if match else (0, 0)
+    if not (0 < width <= MAX_IMAGE_WIDTH and 0 < height <= MAX_IMAGE_HEIGHT):
+        raise PydanticCustomError(
+            "invalid_size",
+            "size must be 'auto' or 'WxH' with each side 1-{limit} (e.g. '512x512'), got {size}",
+            {"limit": max(MAX_IMAGE_WIDTH, MAX_IMAGE_HEIGHT), "size": repr(size)},
+        )
+    return width, height
+
+
+class ImageEditForm(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: UploadFile | None = Field(None, description="The source image (PNG, JPEG or WEBP, at most 10 MB)")
+    image_list: list[UploadFile] = Field(
+        default_factory=list, alias="image[]", description="Alternative to image: exactly one file"
+    )
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: str | None = Field(None, description="Model id (GET /v1/models); default: the first configured")
+    n: int = Field(1, ge=1, le=4)
+    size: str | None = Field(None, description="'WxH' (sides 1-2048, rounded to multiples of 8) or 'auto'")
+    response_format: Literal["url", "b64_json"] = "url"
+    mask: UploadFile | str | None = Field(None, description="Not supported: a request with a mask is refused")
+    stream: bool = Field(False, description="Not supported: must be false")
+    user: str | None = Field(None, description="Accepted and ignored")
+    strength: float = Field(0.7, ge=0.1, le=1.0)
+    steps: int = Field(30, ge=1, le=50)
+    guidance_scale: float = Field(7.5, gt=0, le=20)
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, value: str) -> str:
+        if not value.strip():
+            raise PydanticCustomError("blank_prompt", "prompt must contain text")
+        return value
+
+    @field_validator("size")
+    @classmethod
+    def _size_parses(cls, value: str | None) -> str | None:
+        parse_size(value)
+        return value
+
+
+class ImageData(BaseModel):
+    url: str | None = None
+    b64_json: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    warnings: list[str] | None = None
+
+
+async def _source_data_url(form: ImageEditForm, service: GenerationService) -> str:
+    """The one uploaded file as a data URL: the service sniffs the real format from the bytes."""
+    if form.mask is not None:
+        raise InvalidInputError(
+            "mask is not supported: this service edits whole images (no inpainting)",
+            code="unsupported_parameter",
+            param="mask",
+        )
+    if form.stream:
+        raise InvalidInputError("streaming is not supported", code="unsupported_parameter", param="stream")
+    uploads = ([form.image] if form.image is not None else []) + form.image_list
+    if not uploads:
+        raise InvalidInputError(
+            "image is required: send one file as 'image' or 'image[]'",
+            code="missing_required_parameter",
+            param="image",
+        )
+    if len(uploads) > 1:
+        raise InvalidInputError(
+            f"only one source image is supported, got {len(uploads)}", code="invalid_value", param="image"
+        )
+    limit = service.image_limits.max_bytes
+    data = await uploads[0].read(limit + 1)
+    if len(data) > limit:
+        raise ImageTooLargeError(
+            f"Image is over {limit} bytes; the maximum is {limit} bytes ({limit / 2**20:g} MiB).",
+            param="image",
+        )
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+async def _image_data(
+    done: CompletedJob, response_format: str, service: GenerationService
+) -> list[ImageData]:
+    if response_format == "url":
+        return [ImageData(url=image.url) for image in done.images]
+    contents = await asyncio.gather(*(service.store.get(image.key) for image in done.images))
+    return [ImageData(b64_json=base64.b64encode(data).decode("ascii")) for data in contents]
+
+
+@router.post("/edits", response_model=ImagesResponse, response_model_exclude_none=True)
+async def create_image_edit(
+    form: Annotated[ImageEditForm, Form(media_type="multipart/form-data")],
+    service: ServiceDep,
+    tenant: TenantDep,
+):
+    """Edit one image by prompt (image-to-image), the OpenAI way: multipart in, URLs or base64 out."""
+    width, height = parse_size(form.size)
+    job = GenerationJob(
+        tenant=tenant,
+        image=await _source_data_url(form, service),
+        prompt=form.prompt,
+        negative_prompt=form.negative_prompt,
+        model=form.model or None,
+        strength=form.strength,
+        steps=form.steps,
+        guidance_scale=form.guidance_scale,
+        num_images=form.n,
+        seed=form.seed,
+        width=width,
+        height=height,
+        output_format="png",
+        explicitly_set=explicit_choices(form),
+    )
+    done = await service.run(job)
+    return ImagesResponse(
+        created=int(done.job.created_at.timestamp()),
+        data=await _image_data(done, form.response_format, service),
+        warnings=list(done.warnings) or None,
+    )
+
+
+#: Our codes → OpenAI's names for the same thing.
+_CODES = {"unauthorized": "invalid_api_key", "rate_limited": "rate_limit_exceeded"}
+
+
+class OpenAIDialect:
+    """OpenAI's error envelope: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def rename(self, error: InferenceError) -> str:
+        return _CODES.get(error.code, error.code)
+
+    def validation(self, errors: Sequence[dict[str, Any]]) -> ApiError:
+        param, message, details = validation_summary(errors)
+        kind = errors[0].get("type")
+        if kind == "extra_forbidden":
+            return ApiError(400, "unknown_parameter", f"Unknown parameter: '{param}'.", param=param)
+        if param == "image[]":
+            param = "image"
+        code = "missing_required_parameter" if kind == "missing" else "invalid_value"
+        return ApiError(400, code, details or message, param=param)  # OpenAI's body has no details
+
+    def render(self, error: ApiError) -> JSONResponse:
+        if error.status == 429:
+            kind = "rate_limit_error"
+        elif error.status >= 500:
+            kind = "server_error"
+        else:  # OpenAI answers a bad key with 401 and type invalid_request_error too
+            kind = "invalid_request_error"
+        message = error.message
+        if error.details and error.details != f"parameter: {error.param}":
+            message = f"{message} ({error.details})"
+        body = {"message": message, "type": kind, "param": error.param, "code": error.code}
+        return JSONResponse({"error": body}, status_code=error.status, headers=error.headers or None)

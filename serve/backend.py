@@ -1,0 +1,169 @@
+"""Ray-side plumbing shared by the ingress and the job coordinator: handles to model replicas and to
+the coordinator, and construction of the generation service from validated args and secrets.
+
+Ray-specific failures are translated here into the package's error classes, so the API layer maps
+them to HTTP without knowing Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from inference.errors import GenerationError, InferenceError
+from inference.images import ImageLimits
+from inference.types import GenerationRequest, GenerationResult, Progress
+from serve.config import AppArgs, ModelDeployment, Secrets
+from serve.fetch import FetchPolicy
+from serve.generation import GenerationService, ProgressCallback
+from serve.jobs import JobRecord
+from serve.storage import LocalObjectStore, S3ObjectStore
+
+
+class OverloadedError(GenerationError):
+    code = "overloaded"
+
+
+class ModelUnavailableError(GenerationError):
+    code = "model_unavailable"
+
+
+class GenerationTimeoutError(GenerationError):
+    code = "timeout"
+
+
+class RayModelBackend:
+    """``ModelBackend`` over Ray Serve handles, one per model deployment."""
+
+    def __init__(self, handles: dict[str, DeploymentHandle], models: list[ModelDeployment], timeout_s: float):
+        self._handles = handles
+        self._models = {m.spec["id"]: m for m in models}
+        self._timeout_s = timeout_s
+
+    async def generate(
+        self, model_id: str, request: GenerationRequest, on_progress: ProgressCallback | None = None
+    ) -> GenerationResult:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                if on_progress is None:
+                    return await self._handles[model_id].generate.remote(request)
+                stream = self._handles[model_id].options(stream=True).generate_stream.remote(request)
+                async for item in stream:
+                    if isinstance(item, Progress):
+                        await on_progress(item)
+                    else:
+                        return item
+                raise GenerationError("the model replica ended the stream without a result")
+        except TimeoutError:
+            raise GenerationTimeoutError(
+                f"generation did not finish within {self._timeout_s:.0f}s; the request was canceled"
+            ) from None
+        except BackPressureError:
+            raise OverloadedError(f"model {model_id} is at capacity; retry shortly") from None
+        except RayTaskError as error:
+            raise unwrap(error, "the model replica failed") from None
+        except (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError) as error:
+            raise ModelUnavailableError(
+                f"model {model_id} replica is unavailable", details=str(error)[:300]
+            ) from None
+
+    async def readiness(self) -> dict[str, str | None]:
+        cluster = ray.cluster_resources()
+        results = await asyncio.gather(*(self._model_ready(mid, cluster) for mid in self._handles))
+        return dict(zip(self._handles, results, strict=True))
+
+    async def _model_ready(self, model_id: str, cluster: dict[str, float]) -> str | None:
+        model = self._models[model_id]
+        if model.num_gpus and cluster.get("GPU", 0) < model.num_gpus:
+            return f"needs {model.num_gpus} GPU per replica; the cluster has {cluster.get('GPU', 0):g} GPUs"
+        for resource, amount in model.resources.items():
+            if cluster.get(resource, 0) < amount:
+                return f"needs resource {resource}={amount:g}; the cluster has {cluster.get(resource, 0):g}"
+        try:
+            async with asyncio.timeout(3):
+                await self._handles[model_id].ready.remote()
+        except TimeoutError:
+            return "no replica answered within 3s (starting, or busy loading the model)"
+        except Exception as error:  # any failure is "not ready", with its reason
+            return f"replica check failed: {type(error).__name__}: {str(error)[:200]}"
+        return None
+
+
+def build_store(args: AppArgs, secrets: Secrets):
+    storage = args.storage
+    if storage.kind == "s3":
+        missing = [n for n in ("s3_endpoint", "s3_access_key", "s3_secret_key") if not getattr(secrets, n)]
+        if missing:
+            raise ValueError(
+                f"storage.kind is s3 but {', '.join('IMG2IMG_' + m.upper() for m in missing)} unset"
+            )
+        return S3ObjectStore(
+            secrets.s3_endpoint,
+            secrets.s3_access_key,
+            secrets.s3_secret_key,
+            storage.bucket,
+            secure=secrets.s3_secure,
+            region=secrets.s3_region,
+            public_endpoint=secrets.s3_public_endpoint,
+        )
+    if not secrets.url_signing_key:
+        raise ValueError("storage.kind is local: set IMG2IMG_URL_SIGNING_KEY (any random string of 8+ chars)")
+    return LocalObjectStore(storage.local_root, storage.public_base_url, secrets.url_signing_key.encode())
+
+
+def unwrap(error: RayTaskError, what: str) -> InferenceError:
+    """The package error a remote call raised, or a GenerationError describing a crash."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, InferenceError):
+        return cause
+    return GenerationError(what, details=str(cause or error)[:500])
+
+
+class RayJobs:
+    """The job coordinator deployment behind the same methods as an in-process ``JobRunner``."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self._handle = handle
+
+    async def _call(self, method: str, *args):
+        try:
+            return await getattr(self._handle, method).remote(*args)
+        except RayTaskError as error:
+            raise unwrap(error, "the job coordinator failed") from None
+        except (
+            ActorDiedError,
+            ActorUnavailableError,
+            DeploymentUnavailableError,
+            BackPressureError,
+        ) as error:
+            raise ModelUnavailableError(
+                "the job coordinator is unavailable", details=str(error)[:300]
+            ) from None
+
+    async def accept(self, record: JobRecord, idempotency: tuple[str, str] | None = None) -> str:
+        return await self._call("accept", record, idempotency)
+
+    async def cancel(self, tenant: str, job_id: str) -> JobRecord:
+        return await self._call("cancel", tenant, job_id)
+
+    async def wait(self, tenant: str, job_id: str, timeout_s: float) -> JobRecord | None:
+        return await self._call("wait", tenant, job_id, timeout_s)
+
+
+def build_service(
+    parsed: AppArgs, secrets: Secrets, model_handles: dict[str, DeploymentHandle]
+) -> GenerationService:
+    return GenerationService(
+        registry=parsed.registry(),
+        backend=RayModelBackend(model_handles, parsed.models, parsed.request_timeout_s),
+        store=build_store(parsed, secrets),
+        fetch_policy=FetchPolicy(
+            allow_networks=parsed.fetch.allow_networks, total_timeout_s=parsed.fetch.timeout_s
+        ),
+        image_limits=ImageLimits(),
+        url_expiry_s=parsed.storage.url_expiry_s,
+    )

@@ -1,0 +1,236 @@
+"""Runs durable jobs: asynchronous requests and idempotent ones, one coordinator for all replicas.
+
+Plain asyncio, no Ray: the ``JobCoordinator`` deployment (``serve/coordinator.py``) hosts one
+``JobRunner`` in a single replica; unit tests host one in-process. A single owner makes idempotency
+claims and cancellations race-free, and it only awaits (the GPU work happens in model replicas).
+Every state change is written to the ``JobStore`` first, so a restarted coordinator resumes all
+unfinished jobs from their records: an accepted job is never silently lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
+from typing import Any
+
+from inference.errors import GenerationError, InferenceError, InvalidInputError
+from inference.types import Progress
+from serve.fetch import FetchPolicy
+from serve.generation import GenerationJob, GenerationService
+from serve.jobs import JobRecord, JobState, JobStore, StoredOutput
+from serve.webhooks import WebhookPolicy, deliver
+
+logger = logging.getLogger("serve.jobs")
+
+#: Errors after which a job is tried again (the replica died or was unavailable), up to MAX_RUNS runs.
+RETRYABLE_CODES = {"model_unavailable", "overloaded"}
+MAX_RUNS = 3
+PROGRESS_SAVE_INTERVAL_S = 1.0
+
+
+class IdempotencyConflictError(InvalidInputError):
+    """The Idempotency-Key was used before with a different request body (HTTP 409)."""
+
+    code = "idempotency_conflict"
+
+
+class JobNotFoundError(InvalidInputError):
+    code = "not_found"
+
+
+def job_fields(job: GenerationJob) -> dict[str, Any]:
+    """The GenerationJob as JSON-able fields, without the (possibly 13 MB) inline image payload."""
+    data = {f.name: getattr(job, f.name) for f in fields(job)}
+    if str(data["image"]).lower().startswith("data:"):
+        data["image"] = "data:stored"
+    data["explicitly_set"] = sorted(job.explicitly_set)
+    data["created_at"] = job.created_at.isoformat()
+    return data
+
+
+def job_from_fields(data: dict[str, Any]) -> GenerationJob:
+    values = dict(data)
+    values["explicitly_set"] = frozenset(values["explicitly_set"])
+    values["created_at"] = datetime.fromisoformat(values["created_at"])
+    return GenerationJob(**values)
+
+
+@dataclass
+class JobRunner:
+    service: GenerationService
+    jobs: JobStore
+    webhook_secret: bytes | None = None
+    webhook_policy: WebhookPolicy = field(default_factory=WebhookPolicy)
+    fetch_policy: FetchPolicy = field(default_factory=FetchPolicy)
+
+    def __post_init__(self) -> None:
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._done: dict[str, asyncio.Event] = {}
+        self._lock = asyncio.Lock()
+        self._resumed = False
+
+    # ---- entry points (each an RPC of the coordinator deployment) ------------------------------
+
+    async def accept(self, record: JobRecord, idempotency: tuple[str, str] | None = None) -> str:
+        """Persist and start ``record``; with (key, fingerprint), a replay returns the original job id."""
+        await self.resume()
+        async with self._lock:
+            if idempotency is not None:
+                key, body_fingerprint = idempotency
+                bound = await self.jobs.idempotent_job(record.tenant, key)
+                if bound is not None:
+                    if bound[0] != body_fingerprint:
+                        raise IdempotencyConflictError(
+                            "this Idempotency-Key was already used with a different request body",
+                            param="Idempotency-Key",
+                        )
+                    return bound[1]
+            await self.jobs.save(record)
+            if idempotency is not None:
+                await self.jobs.bind_idempotency(record.tenant, idempotency[0], idempotency[1], record.id)
+            self._start(record.tenant, record.id)
+        return record.id
+
+    async def cancel(self, tenant: str, job_id: str) -> JobRecord:
+        """Queued jobs never run; a running one leaves the engine at its next step."""
+        record = await self.jobs.load(tenant, job_id)
+        if record is None:
+            raise JobNotFoundError(f"no job {job_id}", param="id")
+        if record.status.terminal:
+            return record
+        record.cancel_requested = True
+        await self.jobs.save(record)
+        task = self._tasks.get(job_id)
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task}, timeout=10)
+        else:  # not running here (e.g. waiting for resume): settle it now
+            await self._finish(record, JobState.CANCELED)
+        return await self.jobs.load(tenant, job_id)
+
+    async def wait(self, tenant: str, job_id: str, timeout_s: float) -> JobRecord | None:
+        """The record once the job is finished, or as it is after ``timeout_s``."""
+        event = self._done.get(job_id)
+        if event is not None:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await event.wait()
+            except TimeoutError:
+                pass
+        return await self.jobs.load(tenant, job_id)
+
+    async def resume(self) -> int:
+        """Once per process: restart every unfinished job found in the store."""
+        if self._resumed:
+            return 0
+        pending = await self.jobs.pending()  # raises while storage is down: resume is tried again later
+        self._resumed = True
+        for tenant, job_id in pending:
+            self._start(tenant, job_id)
+        if pending:
+            logger.info("resumed %d unfinished job(s)", len(pending))
+        return len(pending)
+
+    async def drain(self) -> None:
+        """Wait for every running job (tests)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
+
+    # ---- running a job ------------------------------------------------------------------------
+
+    def _start(self, tenant: str, job_id: str) -> None:
+        if job_id in self._tasks:
+            return
+        self._done.setdefault(job_id, asyncio.Event())
+        task = asyncio.get_running_loop().create_task(self._run(tenant, job_id))
+        self._tasks[job_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(job_id, None))
+
+    async def _run(self, tenant: str, job_id: str) -> None:
+        record = await self.jobs.load(tenant, job_id)
+        try:
+            if record is None or record.status.terminal:
+                return
+            if record.cancel_requested:
+                await self._finish(record, JobState.CANCELED)
+                return
+            await self._execute(record)
+        except asyncio.CancelledError:
+            if record is not None:
+                await self._finish(record, JobState.CANCELED)
+        except Exception:  # a bug must still leave the job in a final state
+            logger.exception("job %s crashed", job_id)
+            record.error = {"code": "internal_error", "message": "internal error while running the job"}
+            await self._finish(record, JobState.FAILED)
+        finally:
+            event = self._done.pop(job_id, None)
+            if event is not None:
+                event.set()
+
+    async def _execute(self, record: JobRecord) -> None:
+        prepared = await self.service.restore(job_from_fields(record.job), record.source_key)
+        last_save = 0.0
+
+        async def on_progress(progress: Progress) -> None:
+            nonlocal last_save
+            record.steps_done, record.steps_total = progress.steps_done, progress.steps_total
+            if time.monotonic() - last_save >= PROGRESS_SAVE_INTERVAL_S:
+                last_save = time.monotonic()
+                await self.jobs.save(record)
+
+        while True:
+            record.status, record.started_at = JobState.PROCESSING, datetime.now(UTC)
+            record.run_attempts += 1
+            await self.jobs.save(record)
+            try:
+                done = await self.service.execute(prepared, on_progress)
+            except InferenceError as error:
+                if error.code in RETRYABLE_CODES and record.run_attempts < MAX_RUNS:
+                    logger.warning("job %s: %s; trying again", record.id, error.code)
+                    await asyncio.sleep(min(2**record.run_attempts, 10))
+                    continue
+                record.error = {"code": error.code, "message": error.message, "details": error.details}
+                await self._finish(record, JobState.FAILED)
+                return
+            record.images = [StoredOutput(key=i.key, width=i.width, height=i.height) for i in done.images]
+            record.warnings = list(done.warnings)
+            record.steps_done = record.steps_total = max(record.steps_total, record.steps_done)
+            await self._finish(record, JobState.COMPLETED)
+            return
+
+    async def _finish(self, record: JobRecord, state: JobState) -> None:
+        record.status = state
+        record.completed_at = datetime.now(UTC)
+        await self.jobs.save(record)
+        if record.webhook is not None and not record.webhook.delivered:
+            await self._notify(record)
+
+    async def _notify(self, record: JobRecord) -> None:
+        if self.webhook_secret is None:
+            record.webhook.attempts.append({"error": "webhooks are not configured (IMG2IMG_WEBHOOK_SECRET)"})
+            await self.jobs.save(record)
+            return
+        from serve.api.job_views import job_object  # the same object GET returns
+
+        payload = await job_object(record, self.service.store, self.service.url_expiry_s)
+
+        async def on_attempt(attempt) -> None:
+            record.webhook.attempts.append(attempt.as_dict())
+            await self.jobs.save(record)
+
+        try:
+            record.webhook.delivered = await deliver(
+                record.webhook.url,
+                payload,
+                self.webhook_secret,
+                self.fetch_policy,
+                self.webhook_policy,
+                on_attempt,
+                event_id=record.id,
+            )
+        except GenerationError:
+            logger.exception("webhook for job %s could not be delivered", record.id)
+        await self.jobs.save(record)
