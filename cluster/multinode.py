@@ -83,6 +83,9 @@ def node_env(state: dict[str, Any]) -> dict[str, str]:
             "RAY_USAGE_STATS_ENABLED": "0",
             "HF_HUB_OFFLINE": "1",
             "HF_HUB_DISABLE_TELEMETRY": "1",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node IP = the loopback address given, not the LAN's
+            "RAY_AUTH_MODE": "token",  # this cluster's own token, not the user's ~/.ray/auth_token
+            "RAY_AUTH_TOKEN": state["ray_token"],
             "IMG2IMG_DEV_API_KEY": state["api_key"],
             "IMG2IMG_URL_SIGNING_KEY": state["url_signing_key"],
         }
@@ -119,11 +122,15 @@ def _node_ports() -> list[str]:
     ]
 
 
-def _alive_nodes(dashboard: str) -> list[dict[str, Any]]:
+def _alive_nodes(state: dict[str, Any]) -> list[dict[str, Any]]:
+    request = urllib.request.Request(
+        f"{state['dashboard']}/api/v0/nodes?detail=1&limit=100",
+        headers={"Authorization": f"Bearer {state['ray_token']}"},
+    )
     try:
-        with urllib.request.urlopen(f"{dashboard}/api/v0/nodes?detail=1&limit=100", timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=5) as response:
             body = json.load(response)
-    except OSError:
+    except (OSError, ValueError):
         return []
     return [n for n in body["data"]["result"]["result"] if n["state"] == "ALIVE"]
 
@@ -139,6 +146,7 @@ def start(state_store: State, head_cpus: int, worker_cpus: int, timeout_s: float
         "temp_dir": temp_dir,
         "api_key": os.environ.get("IMG2IMG_DEV_API_KEY") or "dev-" + secrets.token_urlsafe(18),
         "url_signing_key": os.environ.get("IMG2IMG_URL_SIGNING_KEY") or secrets.token_urlsafe(32),
+        "ray_token": secrets.token_hex(32),
         "pids": {},
     }
     state_store.save(state)
@@ -163,7 +171,7 @@ def start(state_store: State, head_cpus: int, worker_cpus: int, timeout_s: float
         env,
     )
     state_store.save(state)
-    wait_for(lambda: len(_alive_nodes(state["dashboard"])) >= 1, timeout_s, "head node alive")
+    wait_for(lambda: len(_alive_nodes(state)) >= 1, timeout_s, "head node alive")
     state["pids"]["worker"] = _ray_start(
         [
             f"--address={state['address']}",
@@ -177,7 +185,7 @@ def start(state_store: State, head_cpus: int, worker_cpus: int, timeout_s: float
         env,
     )
     state_store.save(state)
-    wait_for(lambda: len(_alive_nodes(state["dashboard"])) >= 2, timeout_s, "worker node alive")
+    wait_for(lambda: len(_alive_nodes(state)) >= 2, timeout_s, "worker node alive")
     return state
 
 
@@ -231,6 +239,8 @@ def deploy(state_store: State, http_port: int, timeout_s: float) -> dict[str, An
 
 def placement(state: dict[str, Any]) -> dict[str, Any]:
     """Nodes and Serve actors with the node each runs on, from Ray's state API."""
+    env = node_env(state)
+    os.environ.update({k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})  # read at ray import
     from ray.util.state import list_actors, list_nodes
 
     nodes = [

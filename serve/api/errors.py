@@ -26,6 +26,7 @@ STATUS_BY_CODE: Mapping[str, int] = {
     "payload_too_large": 413,
     "rate_limited": 429,
     "canceled": 409,
+    "idempotency_conflict": 409,
     "storage_unavailable": 503,
     "overloaded": 503,
     "model_unavailable": 503,

@@ -107,7 +107,7 @@ def test_bad_requests_raise_bad_request_error_naming_the_param(client, kwargs, p
 
 
 def test_a_wrong_key_raises_authentication_error(stack):
-    with openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="not-a-key", max_retries=0) as wrong:
-        with pytest.raises(openai.AuthenticationError) as raised:
-            wrong.images.edit(image=("s.png", _png(), "image/png"), prompt="x")
+    wrong = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="not-a-key", max_retries=0)
+    with wrong, pytest.raises(openai.AuthenticationError) as raised:
+        wrong.images.edit(image=("s.png", _png(), "image/png"), prompt="x")
     assert raised.value.status_code == 401 and raised.value.code == "invalid_api_key"

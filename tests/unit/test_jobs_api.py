@@ -1,0 +1,238 @@
+"""Asynchronous jobs through the HTTP layer with an in-process JobRunner: states, progress, cancel,
+idempotency, webhooks (against a real loopback receiver) and resumption after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from inference.errors import GenerationError
+from serve.api.job_views import new_record
+from serve.auth import ApiKeys
+from serve.fetch import FetchPolicy
+from serve.generation import GenerationJob
+from serve.job_runner import JobRunner
+from serve.jobs import JobState
+from serve.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
+from tests.unit.api_fakes import (
+    API_KEY,
+    AUTH,
+    TENANT,
+    WEBHOOK_SECRET,
+    assert_error,
+    data_url,
+    decode,
+    download,
+)
+
+URL = "/v1/image-to-image"
+ASYNC = {**AUTH, "Prefer": "respond-async"}
+
+
+def body(**overrides):
+    return {"image": data_url(64, 48), "prompt": "a lighthouse", "steps": 12, **overrides}
+
+
+def drain(client):
+    client.portal.call(client.app.state.jobs.drain)
+
+
+def submit(client, headers=ASYNC, **overrides):
+    response = client.post(URL, json=body(**overrides), headers=headers)
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert response.headers["location"] == f"{URL}/{job['id']}"
+    return job
+
+
+@pytest.fixture
+def gate(client, backend):
+    """Generation blocks until the returned event is set (from the client's event-loop thread)."""
+    backend.gate = client.portal.call(asyncio.Event)
+    yield lambda: client.portal.call(backend.gate.set)
+    client.portal.call(backend.gate.set)
+
+
+def test_respond_async_goes_queued_then_processing_with_progress_then_completed(client, backend, gate):
+    job = submit(client, num_images=2)
+    assert job["status"] in ("queued", "processing") and job["images"] == []
+    assert job["seed"] is not None and job["completed_at"] is None
+
+    def current():
+        return client.get(f"{URL}/{job['id']}", headers=AUTH).json()
+
+    running = current()
+    for _ in range(100):
+        if running["status"] == "processing" and running["progress"]["steps_done"] >= 1:
+            break
+        client.portal.call(asyncio.sleep, 0.02)
+        running = current()
+    assert running["status"] == "processing"
+    assert running["progress"]["steps_done"] == 1 and running["progress"]["steps_total"] == 12
+    gate()
+    drain(client)
+    done = current()
+    assert done["status"] == "completed" and done["completed_at"] is not None
+    assert len(done["images"]) == 2
+    assert decode(download(client, done["images"][0]["url"])).size == (64, 48)
+    assert done["seed"] == job["seed"]  # fixed at acceptance: a resumed job reproduces its images
+
+
+def test_a_failed_job_shows_its_error(client, backend):
+    backend.error = GenerationError("the GPU caught fire")
+    job = submit(client)
+    drain(client)
+    failed = client.get(f"{URL}/{job['id']}", headers=AUTH).json()
+    assert failed["status"] == "failed"
+    assert failed["error"]["code"] == "generation_failed" and "fire" in failed["error"]["message"]
+
+
+def test_unknown_and_other_tenants_jobs_are_404(client, app):
+    job = submit(client)
+    drain(client)
+    app.state.api_keys = ApiKeys.from_plain({API_KEY: TENANT, "other-key-123": "tenant-b"})
+    other = {"Authorization": "Bearer other-key-123"}
+    assert_error(client.get(f"{URL}/{job['id']}", headers=other), 404, "not_found")
+    assert_error(client.get(f"{URL}/img_doesnotexist", headers=AUTH), 404, "not_found")
+    assert_error(client.delete(f"{URL}/{job['id']}", headers=other), 404, "not_found")
+
+
+def test_cancel_a_running_job(client, backend, gate):
+    job = submit(client)
+    for _ in range(100):
+        if backend.calls:
+            break
+        client.portal.call(asyncio.sleep, 0.02)
+    canceled = client.delete(f"{URL}/{job['id']}", headers=AUTH)
+    assert canceled.status_code == 200, canceled.text
+    assert canceled.json()["status"] == "canceled"
+    assert client.get(f"{URL}/{job['id']}", headers=AUTH).json()["status"] == "canceled"
+
+
+def test_a_queued_job_canceled_before_it_starts_never_runs(client, app, backend):
+    runner: JobRunner = app.state.jobs
+    service = app.state.service
+
+    async def scenario():
+        prepared = await service.store_source(
+            await service.prepare(GenerationJob(tenant=TENANT, image=data_url(64, 48), prompt="never"))
+        )
+        record = new_record(
+            prepared, {"prompt": "never", "strength": 0.8, "steps": 20, "guidance_scale": 7.5}, None
+        )
+        job_id = await runner.accept(record)  # its task is created but has not run yet
+        return (await runner.cancel(TENANT, job_id)).status
+
+    assert client.portal.call(scenario).value == "canceled"
+    drain(client)
+    assert backend.calls == []
+
+
+def test_idempotency_key_replay_returns_the_same_job_and_a_changed_body_is_409(client, backend):
+    headers = {**ASYNC, "Idempotency-Key": "order-42"}
+    first = submit(client, headers=headers, seed=5)
+    drain(client)
+    replay = client.post(URL, json=body(seed=5), headers=headers)
+    assert replay.status_code == 200 and replay.json()["id"] == first["id"]  # completed by now
+    assert len(backend.calls) == 1
+    conflict = client.post(URL, json=body(seed=6), headers=headers)
+    assert_error(conflict, 409, "idempotency_conflict")
+
+
+def test_a_synchronous_idempotent_request_waits_and_replays(client, backend):
+    headers = {**AUTH, "Idempotency-Key": "sync-1"}
+    first = client.post(URL, json=body(), headers=headers)
+    assert first.status_code == 200, first.text
+    assert first.json()["status"] == "completed" and len(first.json()["images"]) == 1
+    again = client.post(URL, json=body(), headers=headers)
+    assert again.json()["id"] == first.json()["id"] and len(backend.calls) == 1
+
+
+def test_synchronous_jobs_can_be_read_back(client):
+    done = client.post(URL, json=body(), headers=AUTH).json()
+    again = client.get(f"{URL}/{done['id']}", headers=AUTH).json()
+    assert again["status"] == "completed" and again["seed"] == done["seed"]
+    assert [i["width"] for i in again["images"]] == [i["width"] for i in done["images"]]
+
+
+def test_events_stream_states_until_final(client):
+    job = submit(client)
+    with client.stream("GET", f"{URL}/{job['id']}/events", headers=AUTH) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line.split(": ", 1)[1] for line in response.iter_lines() if line.startswith("event: ")]
+    assert events[-1] == "completed"
+
+
+class _Receiver:
+    """A loopback webhook target that answers 500 to the first ``failures`` deliveries."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.received = failures, []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.received.append((dict(self.headers), raw))
+                status = 500 if len(outer.received) <= outer.failures else 200
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+
+def test_webhook_fails_twice_then_one_signed_delivery_with_three_attempts_recorded(client, app):
+    loopback = FetchPolicy(allow_networks=("127.0.0.1/32",))
+    app.state.service.fetch_policy = loopback
+    receiver = _Receiver(failures=2)
+    try:
+        job = submit(client, headers=AUTH, webhook_url=receiver.url)
+        drain(client)
+    finally:
+        receiver.server.shutdown()
+    assert len(receiver.received) == 3
+    headers, raw = receiver.received[-1]
+    assert verify(WEBHOOK_SECRET, headers[TIMESTAMP_HEADER], raw, headers[SIGNATURE_HEADER])
+    assert not verify(b"wrong-secret", headers[TIMESTAMP_HEADER], raw, headers[SIGNATURE_HEADER])
+    payload = json.loads(raw)
+    assert payload["id"] == job["id"] and payload["status"] == "completed" and payload["images"]
+    final = client.get(f"{URL}/{job['id']}", headers=AUTH).json()
+    attempts = final["webhook"]["attempts"]
+    assert [a["status_code"] for a in attempts] == [500, 500, 200] and final["webhook"]["delivered"] is True
+
+
+def test_a_private_webhook_target_is_refused_at_submission(client):
+    response = client.post(URL, json=body(webhook_url="http://10.0.0.5/hook"), headers=AUTH)
+    assert_error(response, 400, "invalid_webhook_url", param="webhook_url")
+
+
+def test_unfinished_jobs_are_resumed_by_a_new_runner(client, app, backend):
+    """A coordinator that died mid-job left a 'processing' record and no task: a new one finishes it."""
+    service = app.state.service
+
+    async def crashed_job():
+        prepared = await service.store_source(
+            await service.prepare(GenerationJob(tenant=TENANT, image=data_url(64, 48), prompt="left behind"))
+        )
+        record = new_record(
+            prepared, {"prompt": "x", "strength": 0.8, "steps": 20, "guidance_scale": 7.5}, None
+        )
+        record.status, record.run_attempts = JobState.PROCESSING, 1
+        await app.state.job_store.save(record)
+        return record.id
+
+    job_id = client.portal.call(crashed_job)
+    fresh = JobRunner(service, app.state.job_store, webhook_secret=WEBHOOK_SECRET)
+    assert client.portal.call(fresh.resume) == 1
+    client.portal.call(fresh.drain)
+    assert client.get(f"{URL}/{job_id}", headers=AUTH).json()["status"] == "completed"
+    assert len(backend.calls) == 1
