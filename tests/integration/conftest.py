@@ -24,6 +24,9 @@ def s3_server():
         yield server
 
 
+WEBHOOK_SECRET = "integration-webhook-secret"
+
+
 @dataclass(frozen=True)
 class Stack:
     """The running service: its URL, an API key, Ray's metrics exporter and the S3 server behind it."""
@@ -54,6 +57,7 @@ def _stack_args(model_dir: Path, bucket: str) -> dict:
         "ingress": {"scaling": {"min_replicas": 1, "max_replicas": 1}, "num_cpus": 0.25},
         "storage": {"kind": "s3", "bucket": bucket, "url_expiry_s": 600},
         "fetch": {"allow_networks": ["127.0.0.1/32"]},
+        "webhooks": {"max_attempts": 4, "first_delay_s": 0.2, "timeout_s": 5},
         "request_timeout_s": 120,
     }
 
@@ -79,6 +83,7 @@ def stack(s3_server, tiny_model_dirs) -> Stack:
             "IMG2IMG_S3_ACCESS_KEY": s3_server.access_key,
             "IMG2IMG_S3_SECRET_KEY": s3_server.secret_key,
             "IMG2IMG_S3_SECURE": "false",
+            "IMG2IMG_WEBHOOK_SECRET": WEBHOOK_SECRET,
             "RAY_metrics_report_interval_ms": "1000",
         }
     )
