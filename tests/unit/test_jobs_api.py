@@ -49,6 +49,14 @@ def submit(client, headers=ASYNC, **overrides):
     return job
 
 
+async def _queued_record(service, prompt: str):
+    """A job accepted the way the REST route accepts one, as a queued record (not yet saved)."""
+    job = GenerationJob(tenant=TENANT, image=data_url(64, 48), prompt=prompt)
+    prepared = await service.store_source(await service.prepare(job))
+    display = {"prompt": prompt, "strength": 0.8, "steps": 20, "guidance_scale": 7.5}
+    return new_record(prepared, display, None)
+
+
 @pytest.fixture
 def gate(client, backend):
     """Generation blocks until the returned event is set (from the client's event-loop thread)."""
@@ -118,13 +126,7 @@ def test_a_queued_job_canceled_before_it_starts_never_runs(client, app, backend)
     service = app.state.service
 
     async def scenario():
-        prepared = await service.store_source(
-            await service.prepare(GenerationJob(tenant=TENANT, image=data_url(64, 48), prompt="never"))
-        )
-        record = new_record(
-            prepared, {"prompt": "never", "strength": 0.8, "steps": 20, "guidance_scale": 7.5}, None
-        )
-        job_id = await runner.accept(record)  # its task is created but has not run yet
+        job_id = await runner.accept(await _queued_record(service, "never"))  # its task is created but has not run yet
         return (await runner.cancel(TENANT, job_id)).status
 
     assert client.portal.call(scenario).value == "canceled"
@@ -220,12 +222,7 @@ def test_unfinished_jobs_are_resumed_by_a_new_runner(client, app, backend):
     service = app.state.service
 
     async def crashed_job():
-        prepared = await service.store_source(
-            await service.prepare(GenerationJob(tenant=TENANT, image=data_url(64, 48), prompt="left behind"))
-        )
-        record = new_record(
-            prepared, {"prompt": "x", "strength": 0.8, "steps": 20, "guidance_scale": 7.5}, None
-        )
+        record = await _queued_record(service, "left behind")
         record.status, record.run_attempts = JobState.PROCESSING, 1
         await app.state.job_store.save(record)
         return record.id
