@@ -126,7 +126,7 @@ def test_a_queued_job_canceled_before_it_starts_never_runs(client, app, backend)
     service = app.state.service
 
     async def scenario():
-        job_id = await runner.accept(await _queued_record(service, "never"))  # its task is created but has not run yet
+        job_id = await runner.accept(await _queued_record(service, "never"))  # its task has not run yet
         return (await runner.cancel(TENANT, job_id)).status
 
     assert client.portal.call(scenario).value == "canceled"
