@@ -236,8 +236,9 @@ def bucket_bounds(before: dict[str, float], after: dict[str, float]) -> tuple[fl
     previous_le, previous_count = 0.0, 0.0
     for le in sorted(cumulative):
         count = cumulative[le] - previous_count
-        low += count * (int(previous_le) + 1)
-        high += count * le  # inf if anything landed in the +Inf bucket
+        if count > 0:
+            low += count * (int(previous_le) + 1)
+            high += count * le  # inf if anything landed in the +Inf bucket
         previous_le, previous_count = le, cumulative[le]
     return low, high
 

@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCAL_CONFIG = ROOT / "cluster" / "serve_config.local.yaml"
 BIN = Path(sys.executable).parent
 INFERENCE_RESOURCE = "inference_node"
-HOST = "127.0.0.1"
+HOST = "127.0.0.1"  # the head node's IP: the GCS, dashboard, Serve HTTP and state API addresses
+WORKER_IP = "127.0.0.2"  # the inference node's IP: loopback too, but distinct, like a second machine
 
 
 def free_port() -> int:
@@ -83,7 +84,6 @@ def node_env(state: dict[str, Any]) -> dict[str, str]:
             "RAY_USAGE_STATS_ENABLED": "0",
             "HF_HUB_OFFLINE": "1",
             "HF_HUB_DISABLE_TELEMETRY": "1",
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node IP = the loopback address given, not the LAN's
             "RAY_AUTH_MODE": "token",  # this cluster's own token, not the user's ~/.ray/auth_token
             "RAY_AUTH_TOKEN": state["ray_token"],
             "IMG2IMG_DEV_API_KEY": state["api_key"],
@@ -150,11 +150,15 @@ def start(state_store: State, head_cpus: int, worker_cpus: int, timeout_s: float
         "pids": {},
     }
     state_store.save(state)
-    env = node_env(state)
-    common = [f"--node-ip-address={HOST}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    # Ray turns a --node-ip-address of 127.0.0.1 into the LAN address unless multi-node support is
+    # switched off, which the head allows and a worker refuses; 127.0.0.2 is taken as given.
+    head_env = {**node_env(state), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    worker_env = {**node_env(state), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+    common = [f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     state["pids"]["head"] = _ray_start(
         [
             "--head",
+            f"--node-ip-address={HOST}",
             f"--port={gcs_port}",
             f"--num-cpus={head_cpus}",
             "--num-gpus=0",
@@ -168,13 +172,14 @@ def start(state_store: State, head_cpus: int, worker_cpus: int, timeout_s: float
             *_node_ports(),
         ],
         logs / "head.log",
-        env,
+        head_env,
     )
     state_store.save(state)
     wait_for(lambda: len(_alive_nodes(state)) >= 1, timeout_s, "head node alive")
     state["pids"]["worker"] = _ray_start(
         [
             f"--address={state['address']}",
+            f"--node-ip-address={WORKER_IP}",
             f"--num-cpus={worker_cpus}",
             "--num-gpus=0",
             "--resources=" + json.dumps({INFERENCE_RESOURCE: 1}),
@@ -182,7 +187,7 @@ def start(state_store: State, head_cpus: int, worker_cpus: int, timeout_s: float
             *_node_ports(),
         ],
         logs / "worker.log",
-        env,
+        worker_env,
     )
     state_store.save(state)
     wait_for(lambda: len(_alive_nodes(state)) >= 2, timeout_s, "worker node alive")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
@@ -66,7 +66,7 @@ class RayModelBackend:
             raise OverloadedError(f"model {model_id} is at capacity; retry shortly") from None
         except RayTaskError as error:
             raise unwrap(error, "the model replica failed") from None
-        except (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError) as error:
+        except (RayActorError, DeploymentUnavailableError) as error:
             raise ModelUnavailableError(
                 f"model {model_id} replica is unavailable", details=str(error)[:300]
             ) from None
@@ -134,12 +134,7 @@ class RayJobs:
             return await getattr(self._handle, method).remote(*args)
         except RayTaskError as error:
             raise unwrap(error, "the job coordinator failed") from None
-        except (
-            ActorDiedError,
-            ActorUnavailableError,
-            DeploymentUnavailableError,
-            BackPressureError,
-        ) as error:
+        except (RayActorError, DeploymentUnavailableError, BackPressureError) as error:
             raise ModelUnavailableError(
                 "the job coordinator is unavailable", details=str(error)[:300]
             ) from None

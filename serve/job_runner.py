@@ -28,6 +28,7 @@ logger = logging.getLogger("serve.jobs")
 #: Errors after which a job is tried again (the replica died or was unavailable), up to MAX_RUNS runs.
 RETRYABLE_CODES = {"model_unavailable", "overloaded"}
 MAX_RUNS = 3
+REPLICA_WAIT_S = 120.0  # how long a retry waits for the model to have a ready replica again
 PROGRESS_SAVE_INTERVAL_S = 1.0
 
 
@@ -189,8 +190,8 @@ class JobRunner:
                 done = await self.service.execute(prepared, on_progress)
             except InferenceError as error:
                 if error.code in RETRYABLE_CODES and record.run_attempts < MAX_RUNS:
-                    logger.warning("job %s: %s; trying again", record.id, error.code)
-                    await asyncio.sleep(min(2**record.run_attempts, 10))
+                    logger.warning("job %s: %s; trying again once the model is ready", record.id, error.code)
+                    await self._model_ready(prepared.model.id, REPLICA_WAIT_S)
                     continue
                 record.error = {"code": error.code, "message": error.message, "details": error.details}
                 await self._finish(record, JobState.FAILED)
@@ -200,6 +201,17 @@ class JobRunner:
             record.steps_done = record.steps_total = max(record.steps_total, record.steps_done)
             await self._finish(record, JobState.COMPLETED)
             return
+
+    async def _model_ready(self, model_id: str, timeout_s: float) -> None:
+        """Wait (bounded) until the model has a replica that answers, e.g. after one died."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(1.0)
+            try:
+                if (await self.service.backend.readiness()).get(model_id) is None:
+                    return
+            except Exception as error:
+                logger.debug("readiness check failed: %s", error)
 
     async def _finish(self, record: JobRecord, state: JobState) -> None:
         record.status = state

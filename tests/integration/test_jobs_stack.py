@@ -123,3 +123,18 @@ def test_a_job_survives_its_ingress_replica_being_killed(client, stack):
 
     _wait_for(ingress_back, 120, 1, "a replacement ingress replica")
     assert _final(client, job["id"], 180)["status"] == "completed"
+
+
+def test_a_job_whose_model_replica_dies_is_retried_on_the_replacement(client):
+    import ray
+
+    job = _submit(client, steps=50, strength=1.0, num_images=4, prompt="phoenix")
+    started = lambda: client.get(f"{URL}/{job['id']}").json()["progress"]["steps_done"] > 0  # noqa: E731
+    _wait_for(started, 60, 0.2, "the job running")
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#model-tiny-sd#" in a["name"]]
+    assert replicas, "no live model replica found"
+    for actor in replicas:
+        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    final = _final(client, job["id"], 240)
+    assert final["status"] == "completed", final.get("error")
+    assert len(final["images"]) == 4
