@@ -28,9 +28,13 @@ Why: this is the end-to-end check that the step-level engine's gain survives the
 By default it starts its own stack: a single-node Ray on loopback (its own metrics export port),
 Serve on a free HTTP port, the application of ``cluster/serve_config.local.yaml`` with the tiny
 random-weight model from ``--models-dir`` (built offline if missing) and local storage in a
-temporary folder. Caps are switched by re-running ``serve.run`` with a new ``engine`` block; the
-script reports whether the model replica survived the switch (Ray named-actor ids before/after) and
-waits until the application is RUNNING and ready again, then warms up before measuring.
+temporary folder. Caps are switched by re-running ``serve.run`` with a new ``engine`` block and
+waiting until the application is RUNNING and ready again; every phase is preceded by a short,
+uncounted warm-up. The script reports whether the model replica survived the switch (Ray
+named-actor ids before/after). With Ray 2.60 it does not: a Python ``serve.run`` gives every
+deployment a new random code version (and the ingress's init args carry the engine block), so Serve
+replaces the replicas instead of calling ``ModelWorker.reconfigure``; a live reconfigure needs a
+config deploy that changes only the deployment's ``user_config``.
 With ``--url``/``--api-key`` it targets an existing service instead: it cannot change the cap then,
 so it measures one phase at whatever cap is deployed (batch metrics only with ``--metrics-url``).
 
@@ -38,6 +42,7 @@ The numbers are for the tiny model on CPU (a few cores shared with the clients, 
 absolute figures are NOT GPU figures and the machine may be shared; compare the ratios.
 
     .venv/bin/python benchmarks/serve_batching.py [--concurrency 16] [--duration 45] [--json out.json]
+    .venv/bin/python benchmarks/serve_batching.py --torch-threads 1   # busy 2-core box: see --help
     .venv/bin/python benchmarks/serve_batching.py --url http://127.0.0.1:8000 --api-key KEY \\
         [--metrics-url 127.0.0.1:PORT]
 """
@@ -410,6 +415,9 @@ class LocalStack:
         model = app_args["models"][0]
         if Path(model["spec"]["source"]).name == TINY_MODEL_IDS[Family.SD]:
             model["spec"]["source"] = str(folders[Family.SD])
+        if self.args.torch_threads:
+            for entry in app_args["models"]:
+                entry["torch_threads"] = self.args.torch_threads
         self._outputs = tempfile.TemporaryDirectory(prefix="serve-batching-outputs-")
         app_args["storage"].update(
             kind="local", local_root=self._outputs.name, public_base_url=self.base_url, url_expiry_s=600
@@ -568,6 +576,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     local.add_argument("--models-dir", type=Path, default=Path(".cache/models"))
     local.add_argument("--config", type=Path, default=REPO_ROOT / "cluster/serve_config.local.yaml")
     local.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
+    local.add_argument(
+        "--torch-threads",
+        type=int,
+        help="override the config's torch_threads per model replica (on a busy 2-core box, 2 threads "
+        "can make each step >10x slower than 1)",
+    )
     remote = parser.add_argument_group("existing service (one phase, cap as deployed)")
     remote.add_argument("--url", help="base URL of a running service, e.g. http://127.0.0.1:8000")
     remote.add_argument("--api-key", default=os.environ.get("IMG2IMG_DEV_API_KEY"))

@@ -37,8 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCAL_CONFIG = ROOT / "cluster" / "serve_config.local.yaml"
 BIN = Path(sys.executable).parent
 INFERENCE_RESOURCE = "inference_node"
-HOST = "127.0.0.1"  # the head node's IP: the GCS, dashboard, Serve HTTP and state API addresses
-WORKER_IP = "127.0.0.2"  # the inference node's IP: loopback too, but distinct, like a second machine
+HOST = "127.0.0.1"  # HTTP endpoints: dashboard (state API, serve deploy) and the Serve proxy
+# Node IPs: loopback, one per node like two machines. Not 127.0.0.1: Ray swaps that for the LAN address.
+HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 
 
 def free_port() -> int:
@@ -141,7 +142,7 @@ def start(state_store: State, head_cpus: int, worker_cpus: int, timeout_s: float
     logs.mkdir(parents=True, exist_ok=True)
     gcs_port, dashboard_port = free_port(), free_port()
     state: dict[str, Any] = {
-        "address": f"{HOST}:{gcs_port}",
+        "address": f"{HEAD_IP}:{gcs_port}",
         "dashboard": f"http://{HOST}:{dashboard_port}",
         "temp_dir": temp_dir,
         "api_key": os.environ.get("IMG2IMG_DEV_API_KEY") or "dev-" + secrets.token_urlsafe(18),
@@ -150,15 +151,12 @@ def start(state_store: State, head_cpus: int, worker_cpus: int, timeout_s: float
         "pids": {},
     }
     state_store.save(state)
-    # Ray turns a --node-ip-address of 127.0.0.1 into the LAN address unless multi-node support is
-    # switched off, which the head allows and a worker refuses; 127.0.0.2 is taken as given.
-    head_env = {**node_env(state), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    worker_env = {**node_env(state), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+    env = node_env(state)
     common = [f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     state["pids"]["head"] = _ray_start(
         [
             "--head",
-            f"--node-ip-address={HOST}",
+            f"--node-ip-address={HEAD_IP}",
             f"--port={gcs_port}",
             f"--num-cpus={head_cpus}",
             "--num-gpus=0",
@@ -172,7 +170,7 @@ def start(state_store: State, head_cpus: int, worker_cpus: int, timeout_s: float
             *_node_ports(),
         ],
         logs / "head.log",
-        head_env,
+        env,
     )
     state_store.save(state)
     wait_for(lambda: len(_alive_nodes(state)) >= 1, timeout_s, "head node alive")
@@ -187,7 +185,7 @@ def start(state_store: State, head_cpus: int, worker_cpus: int, timeout_s: float
             *_node_ports(),
         ],
         logs / "worker.log",
-        worker_env,
+        env,
     )
     state_store.save(state)
     wait_for(lambda: len(_alive_nodes(state)) >= 2, timeout_s, "worker node alive")

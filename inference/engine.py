@@ -66,6 +66,7 @@ class _RequestState:
     steps_done: int = 0
     steps_total: int = 0
     active_samples: int = 0
+    compute_s: float = 0.0
     warnings: list[str] = field(default_factory=list)
     failed: InferenceError | None = None
 
@@ -181,6 +182,7 @@ class StepBatchingEngine:
         with torch.inference_mode():
             self._denoise(samples, outcomes)
             unet_s = time.perf_counter() - unet_started
+            self._attribute(samples, unet_s)
             finished = [s for s in samples if s.done]
             if finished:
                 self._finish(bucket, finished, outcomes)
@@ -196,6 +198,13 @@ class StepBatchingEngine:
             step_s=time.perf_counter() - started,
         )
         return outcomes, stats
+
+    @staticmethod
+    def _attribute(samples: list[_Sample], seconds: float) -> None:
+        """Split one UNet call's time among its samples by rows: what each request cost (metering)."""
+        rows = sum(s.rows for s in samples) or 1
+        for sample in samples:
+            sample.state.compute_s += seconds * sample.rows / rows
 
     def run_until_idle(self) -> list[Outcome]:
         """Step until nothing is queued or running (tests, benchmarks, the local demo)."""
@@ -460,6 +469,7 @@ class StepBatchingEngine:
             unet_steps=state.steps_total,
             queue_wait_s=(state.admitted_at or now) - state.submitted_at,
             run_s=now - (state.admitted_at or now),
+            compute_s=state.compute_s,
             warnings=tuple(state.warnings),
         )
         outcomes.append(Outcome(state.request.request_id, result=result))

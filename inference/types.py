@@ -84,6 +84,7 @@ class GenerationResult:
     unet_steps: int
     queue_wait_s: float
     run_s: float
+    compute_s: float = 0.0  # this request's share of the batched UNet time (usage metering)
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
     @property

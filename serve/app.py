@@ -15,7 +15,7 @@ from ray import serve
 from ray.serve import Application
 
 from serve.config import AppArgs, ModelDeployment
-from serve.coordinator import JobCoordinator
+from serve.coordinator import GovernorDeployment, JobCoordinator
 from serve.ingress import Ingress
 from serve.worker import ModelWorker
 
@@ -54,4 +54,14 @@ def build_app(args: dict[str, Any]) -> Application:
     coordinator = serve.deployment(JobCoordinator).options(
         name="JobCoordinator", num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1000
     )
-    return ingress.bind(args_json, handles, coordinator.bind(args_json, handles))
+    governor = (
+        serve.deployment(GovernorDeployment)
+        .options(
+            name="TenantGovernor",
+            num_replicas=1,
+            ray_actor_options={"num_cpus": 0.1},
+            max_ongoing_requests=1000,
+        )
+        .bind(args_json)
+    )
+    return ingress.bind(args_json, handles, coordinator.bind(args_json, handles, governor), governor)

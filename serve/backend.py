@@ -17,11 +17,10 @@ from ray.serve.handle import DeploymentHandle
 from inference.errors import GenerationError, InferenceError
 from inference.images import ImageLimits
 from inference.types import GenerationRequest, GenerationResult, Progress
-from serve.config import AppArgs, ModelDeployment, Secrets
+from serve.config import AppArgs, ModelDeployment, Secrets, build_store
 from serve.fetch import FetchPolicy
 from serve.generation import GenerationService, ProgressCallback
 from serve.jobs import JobRecord
-from serve.storage import LocalObjectStore, S3ObjectStore
 
 
 class OverloadedError(GenerationError):
@@ -93,28 +92,6 @@ class RayModelBackend:
         return None
 
 
-def build_store(args: AppArgs, secrets: Secrets):
-    storage = args.storage
-    if storage.kind == "s3":
-        missing = [n for n in ("s3_endpoint", "s3_access_key", "s3_secret_key") if not getattr(secrets, n)]
-        if missing:
-            raise ValueError(
-                f"storage.kind is s3 but {', '.join('IMG2IMG_' + m.upper() for m in missing)} unset"
-            )
-        return S3ObjectStore(
-            secrets.s3_endpoint,
-            secrets.s3_access_key,
-            secrets.s3_secret_key,
-            storage.bucket,
-            secure=secrets.s3_secure,
-            region=secrets.s3_region,
-            public_endpoint=secrets.s3_public_endpoint,
-        )
-    if not secrets.url_signing_key:
-        raise ValueError("storage.kind is local: set IMG2IMG_URL_SIGNING_KEY (any random string of 8+ chars)")
-    return LocalObjectStore(storage.local_root, storage.public_base_url, secrets.url_signing_key.encode())
-
-
 def unwrap(error: RayTaskError, what: str) -> InferenceError:
     """The package error a remote call raised, or a GenerationError describing a crash."""
     cause = getattr(error, "cause", None)
@@ -150,15 +127,52 @@ class RayJobs:
 
 
 def build_service(
-    parsed: AppArgs, secrets: Secrets, model_handles: dict[str, DeploymentHandle]
+    parsed: AppArgs,
+    secrets: Secrets,
+    model_handles: dict[str, DeploymentHandle],
+    governor: DeploymentHandle | None = None,
+    tenant_lookup=None,
+    store=None,
 ) -> GenerationService:
-    return GenerationService(
+    """The generation service of one process (ingress or coordinator), wired to Ray handles."""
+    service = GenerationService(
         registry=parsed.registry(),
         backend=RayModelBackend(model_handles, parsed.models, parsed.request_timeout_s),
-        store=build_store(parsed, secrets),
+        store=store or build_store(parsed, secrets),
         fetch_policy=FetchPolicy(
             allow_networks=parsed.fetch.allow_networks, total_timeout_s=parsed.fetch.timeout_s
         ),
         image_limits=ImageLimits(),
         url_expiry_s=parsed.storage.url_expiry_s,
+        admission=RayGovernor(governor) if governor is not None else None,
     )
+    if tenant_lookup is not None:
+        service.tenant_lookup = tenant_lookup
+    return service
+
+
+class RayGovernor:
+    """``Admission`` over the tenant governor deployment: limits that hold across ingress replicas."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self._handle = handle
+
+    async def _call(self, method: str, *args):
+        try:
+            return await getattr(self._handle, method).remote(*args)
+        except RayTaskError as error:
+            raise unwrap(error, "the tenant governor failed") from None
+        except (RayActorError, DeploymentUnavailableError, BackPressureError) as error:
+            # Fail closed: without the governor we cannot enforce anyone's limits.
+            raise OverloadedError(
+                "tenant limits are unavailable; retry shortly", details=str(error)[:300]
+            ) from None
+
+    async def admit(self, tenant: str, request_id: str, images: int, limits) -> None:
+        await self._call("admit", tenant, request_id, images, limits)
+
+    async def release(self, tenant: str, request_id: str, usage: dict[str, float] | None) -> None:
+        await self._call("release", tenant, request_id, usage)
+
+    async def usage(self, tenant: str, start, end) -> dict[str, float]:
+        return await self._call("usage", tenant, start, end)

@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from inference.engine_config import EngineConfig
 from inference.models import ModelRegistry, ModelSpec
+from serve.storage import LocalObjectStore, S3ObjectStore
+from serve.tenants import Tenant, TenantDirectory
 
 PLACEHOLDERS = {"changeme", "change-me", "changethis", "secret", "password", "placeholder", "xxx", "todo"}
 
@@ -135,6 +137,7 @@ class AppArgs(_Strict):
     storage: StorageArgs = StorageArgs()
     fetch: FetchArgs = FetchArgs()
     webhooks: WebhookArgs = WebhookArgs()
+    tenants: list[Tenant] = Field(default_factory=list, description="tenants with hashed keys and limits")
     request_timeout_s: float = Field(300, gt=0, description="a request waiting longer gets 504")
     max_side: int = Field(2048, ge=64, le=4096)
 
@@ -170,12 +173,39 @@ class Secrets(BaseSettings):
             raise ValueError("is a placeholder or shorter than 8 characters: set a real secret")
         return value
 
-    def keys(self) -> dict[str, str]:
+    def keys(self, required: bool = True) -> dict[str, str]:
         keys = dict(self.api_keys)
         if self.dev_api_key:
             keys[self.dev_api_key] = "dev"
-        if not keys:
+        if not keys and required:
             raise ValueError(
                 "no API keys configured: set IMG2IMG_DEV_API_KEY, or IMG2IMG_API_KEYS to JSON {key: tenant}"
             )
         return keys
+
+
+def configured_tenants(parsed: AppArgs, secrets: Secrets) -> TenantDirectory:
+    """Tenants from the Serve config plus keys from the environment (store tenants are added live)."""
+    return TenantDirectory.from_plain_keys(secrets.keys(required=not parsed.tenants), base=parsed.tenants)
+
+
+def build_store(args: AppArgs, secrets: Secrets):
+    storage = args.storage
+    if storage.kind == "s3":
+        missing = [n for n in ("s3_endpoint", "s3_access_key", "s3_secret_key") if not getattr(secrets, n)]
+        if missing:
+            raise ValueError(
+                f"storage.kind is s3 but {', '.join('IMG2IMG_' + m.upper() for m in missing)} unset"
+            )
+        return S3ObjectStore(
+            secrets.s3_endpoint,
+            secrets.s3_access_key,
+            secrets.s3_secret_key,
+            storage.bucket,
+            secure=secrets.s3_secure,
+            region=secrets.s3_region,
+            public_endpoint=secrets.s3_public_endpoint,
+        )
+    if not secrets.url_signing_key:
+        raise ValueError("storage.kind is local: set IMG2IMG_URL_SIGNING_KEY (any random string of 8+ chars)")
+    return LocalObjectStore(storage.local_root, storage.public_base_url, secrets.url_signing_key.encode())

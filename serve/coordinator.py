@@ -1,4 +1,4 @@
-"""The job coordinator deployment: one replica hosting the ``JobRunner`` for every ingress replica.
+"""Coordination deployments, one replica each: the job coordinator and the tenant governor.
 
 It restarts unfinished jobs from the store when it starts (and Serve restarts it if it dies), so a
 job accepted by any ingress replica survives that replica, and this one.
@@ -7,14 +7,17 @@ job accepted by any ingress replica survives that replica, and this one.
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
 from serve.backend import build_service
-from serve.config import AppArgs, Secrets
+from serve.config import AppArgs, Secrets, build_store, configured_tenants
+from serve.governor import Limits, TenantGovernor
 from serve.job_runner import JobRunner
 from serve.jobs import JobRecord, JobStore
+from serve.tenants import TenantCatalog, TenantStore
 from serve.webhooks import WebhookPolicy
 
 logger = logging.getLogger("serve.coordinator")
@@ -23,14 +26,19 @@ logger = logging.getLogger("serve.coordinator")
 class JobCoordinator:
     """Ray Serve deployment class (wrapped by ``serve.deployment`` in ``serve.app``)."""
 
-    def __init__(self, args: dict[str, Any], model_handles: dict[str, DeploymentHandle]) -> None:
+    def __init__(
+        self, args: dict[str, Any], model_handles: dict[str, DeploymentHandle], governor: DeploymentHandle
+    ) -> None:
         parsed = AppArgs.model_validate(args)
         secrets = Secrets()
-        service = build_service(parsed, secrets, model_handles)
+        store = build_store(parsed, secrets)
+        self._tenants = TenantCatalog(configured_tenants(parsed, secrets), TenantStore(store))
+        service = build_service(parsed, secrets, model_handles, governor, self._tenants.lookup, store)
         self._runner = JobRunner(
             service,
             JobStore(service.store),
             webhook_secret=secrets.webhook_secret.encode() if secrets.webhook_secret else None,
+            tenant_lookup=self._tenants.lookup,
             webhook_policy=WebhookPolicy(**parsed.webhooks.model_dump()),
             fetch_policy=service.fetch_policy,
         )
@@ -47,6 +55,33 @@ class JobCoordinator:
     async def check_health(self) -> None:
         """Serve calls this every few seconds: the first call resumes unfinished jobs (storage permitting)."""
         try:
+            await self._tenants.refresh()
             await self._runner.resume()
         except Exception as error:  # storage down: the next health check tries again
             logger.warning("could not resume jobs yet: %s", error)
+
+
+class GovernorDeployment:
+    """Ray Serve deployment hosting the one ``TenantGovernor`` (limits and usage for all replicas)."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        from serve.metrics import TenantMetrics
+
+        parsed = AppArgs.model_validate(args)
+        self._governor = TenantGovernor(store=build_store(parsed, Secrets()), metrics=TenantMetrics())
+
+    async def admit(self, tenant: str, request_id: str, images: int, limits: Limits) -> None:
+        self._governor.admit(tenant, request_id, images, limits)
+
+    async def release(self, tenant: str, request_id: str, usage: dict[str, float] | None) -> None:
+        self._governor.release(tenant, request_id, usage)
+
+    async def usage(self, tenant: str, start: datetime, end: datetime) -> dict[str, float]:
+        return await self._governor.usage(tenant, start, end)
+
+    async def check_health(self) -> None:
+        """Every few seconds: persist usage that changed (storage errors are retried next time)."""
+        try:
+            await self._governor.flush()
+        except Exception as error:
+            logger.warning("could not persist usage yet: %s", error)

@@ -28,7 +28,9 @@ from inference.images import (
 from inference.models import ModelRegistry, ModelSpec
 from inference.types import GenerationRequest, GenerationResult, Progress, draw_seed
 from serve.fetch import FetchPolicy, fetch_image
+from serve.governor import Limits
 from serve.storage import ObjectStore, new_job_id, object_key
+from serve.tenants import Tenant
 
 ProgressCallback = Callable[[Progress], Awaitable[None]]
 
@@ -45,6 +47,20 @@ class ModelBackend(Protocol):
     async def readiness(self) -> dict[str, str | None]:
         """Model id → None when it can serve now, else why not (e.g. 'waiting for a GPU')."""
         ...
+
+
+class Admission(Protocol):
+    """Per-tenant limits shared by all replicas (``serve.governor``); absent in single-tenant tests."""
+
+    async def admit(self, tenant: str, request_id: str, images: int, limits: Limits) -> None: ...
+
+    async def release(self, tenant: str, request_id: str, usage: dict[str, float] | None) -> None: ...
+
+
+class ModelNotAllowedError(InvalidInputError):
+    """The tenant's plan does not include this model (HTTP 403)."""
+
+    code = "model_not_allowed"
 
 
 @dataclass(frozen=True)
@@ -107,6 +123,17 @@ class CompletedJob:
     warnings: tuple[str, ...]
     queue_wait_s: float
     run_s: float
+    unet_steps: int = 0
+    compute_s: float = 0.0
+
+    def usage(self) -> dict[str, float]:
+        """What this job counts toward its tenant's usage."""
+        return {
+            "requests": 1,
+            "images": len(self.images),
+            "steps": self.unet_steps,
+            "compute_seconds": self.compute_s,
+        }
 
 
 @dataclass
@@ -120,6 +147,8 @@ class GenerationService:
     image_limits: ImageLimits = field(default_factory=ImageLimits)
     url_expiry_s: int = 3600
     seed_source: Callable[[], int] = draw_seed
+    admission: Admission | None = None
+    tenant_lookup: Callable[[str], Tenant | None] = lambda name: None
 
     async def load_source(self, image: str, param: str = "image") -> tuple[SourceImage, bytes]:
         """Decode a data URL or download an http(s) URL, then validate the bytes (size, format, bombs)."""
@@ -139,12 +168,42 @@ class GenerationService:
             raise
 
     async def prepare(self, job: GenerationJob) -> PreparedJob:
-        """Check everything that can be the caller's fault: model, source image, size. Fixes the seed."""
+        """Check everything that can be the caller's fault (model, plan, source image, size, limits).
+
+        Fixes the seed. The job is admitted against its tenant's limits last, so a refused request
+        costs no quota; from here on, ``release`` must be called once the job ends.
+        """
         spec = self.registry.get(job.model)
+        tenant = self.tenant_lookup(job.tenant)
+        if tenant is not None:
+            self._check_plan(tenant, spec.id, job.num_images)
         source, source_bytes = await self.load_source(job.image, job.image_param)
         output_size(source.width, source.height, job.width, job.height, min(spec.max_side, 2048))
         seed = job.seed if job.seed is not None else self.seed_source()
+        if self.admission is not None:
+            limits = (
+                Limits(tenant.rate_limit_images_per_minute, tenant.concurrency_limit) if tenant else Limits()
+            )
+            await self.admission.admit(job.tenant, job.job_id, job.num_images, limits)
         return PreparedJob(replace(job, seed=seed), spec, source, source_bytes)
+
+    @staticmethod
+    def _check_plan(tenant: Tenant, model_id: str, images: int) -> None:
+        if not tenant.allows_model(model_id):
+            raise ModelNotAllowedError(
+                f"model {model_id!r} is not in your plan; allowed: {', '.join(tenant.allowed_models or [])}",
+                param="model",
+            )
+        if images > tenant.max_images_per_request:
+            raise InvalidInputError(
+                f"at most {tenant.max_images_per_request} images per request in your plan", param="num_images"
+            )
+
+    async def release(self, job: GenerationJob, done: CompletedJob | None) -> None:
+        """The job ended (``done`` None: it failed or was canceled): free its slot, meter its usage."""
+        if self.admission is not None:
+            usage = done.usage() if done is not None else {"requests": 1}
+            await self.admission.release(job.tenant, job.job_id, usage)
 
     async def restore(self, job: GenerationJob, source_key: str) -> PreparedJob:
         """A prepared job again, from its stored source (an asynchronous job resumed by another process)."""
@@ -182,7 +241,13 @@ class GenerationService:
 
     async def run(self, job: GenerationJob, on_progress: ProgressCallback | None = None) -> CompletedJob:
         """Prepare and execute in one go: the synchronous path."""
-        return await self.execute(await self.prepare(job), on_progress)
+        prepared = await self.prepare(job)
+        done = None
+        try:
+            done = await self.execute(prepared, on_progress)
+            return done
+        finally:
+            await self.release(prepared.job, done)
 
     async def execute(
         self, prepared: PreparedJob, on_progress: ProgressCallback | None = None
@@ -206,6 +271,8 @@ class GenerationService:
             warnings=warnings,
             queue_wait_s=result.queue_wait_s,
             run_s=result.run_s,
+            unet_steps=result.unet_steps,
+            compute_s=result.compute_s,
         )
 
     async def _store_output(self, job: GenerationJob, index: int, image) -> StoredImage:

@@ -14,11 +14,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from inference.errors import InferenceError
-from serve.auth import ApiKeys
-from serve.backend import RayJobs, build_service
-from serve.config import AppArgs, Secrets
+from serve.backend import RayGovernor, RayJobs, build_service
+from serve.config import AppArgs, Secrets, build_store, configured_tenants
 from serve.jobs import JobStore
 from serve.metrics import IngressMetrics
+from serve.tenants import TenantCatalog, TenantStore
 from serve.webapp import create_app
 
 logger = logging.getLogger("serve.ingress")
@@ -34,13 +34,19 @@ class Ingress:
     """
 
     def __init__(
-        self, args: dict[str, Any], model_handles: dict[str, DeploymentHandle], coordinator: DeploymentHandle
+        self,
+        args: dict[str, Any],
+        model_handles: dict[str, DeploymentHandle],
+        coordinator: DeploymentHandle,
+        governor: DeploymentHandle,
     ) -> None:
         parsed = AppArgs.model_validate(args)
         secrets = Secrets()
-        self._service = build_service(parsed, secrets, model_handles)
+        store = build_store(parsed, secrets)
+        self._tenants = TenantCatalog(configured_tenants(parsed, secrets), TenantStore(store))
+        self._service = build_service(parsed, secrets, model_handles, governor, self._tenants.lookup, store)
         self._jobs = RayJobs(coordinator)
-        self._api_keys = ApiKeys.from_plain(secrets.keys())
+        self._governor = RayGovernor(governor)
         self._bucket_ready = getattr(self._service.store, "ensure_bucket", None)
         logger.info(
             "ingress ready: models %s, storage %s", ", ".join(parsed.registry().ids), parsed.storage.kind
@@ -51,12 +57,18 @@ class Ingress:
         app.state.service = self._service
         app.state.jobs = self._jobs
         app.state.job_store = JobStore(self._service.store)
-        app.state.api_keys = self._api_keys
+        app.state.tenants = self._tenants
+        app.state.usage = self._governor
         app.state.metrics = IngressMetrics()
         return app
 
     async def check_health(self) -> None:
-        """Create the bucket once S3 answers (storage may start after us); never fail the replica for it."""
+        """Every few seconds: re-read tenants (revoked keys stop working) and create the bucket once S3
+        answers (storage may start after us). Storage trouble never fails the replica."""
+        try:
+            await self._tenants.refresh()
+        except InferenceError as error:
+            logger.warning("could not refresh tenants: %s", error)
         if self._bucket_ready is not None:
             try:
                 await self._bucket_ready()

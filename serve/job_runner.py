@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -19,8 +20,9 @@ from typing import Any
 from inference.errors import GenerationError, InferenceError, InvalidInputError
 from inference.types import Progress
 from serve.fetch import FetchPolicy
-from serve.generation import GenerationJob, GenerationService
+from serve.generation import CompletedJob, GenerationJob, GenerationService
 from serve.jobs import JobRecord, JobState, JobStore, StoredOutput
+from serve.tenants import Tenant
 from serve.webhooks import WebhookPolicy, deliver
 
 logger = logging.getLogger("serve.jobs")
@@ -66,6 +68,7 @@ class JobRunner:
     webhook_secret: bytes | None = None
     webhook_policy: WebhookPolicy = field(default_factory=WebhookPolicy)
     fetch_policy: FetchPolicy = field(default_factory=FetchPolicy)
+    tenant_lookup: Callable[[str], Tenant | None] = lambda name: None
 
     def __post_init__(self) -> None:
         self._tasks: dict[str, asyncio.Task] = {}
@@ -199,7 +202,7 @@ class JobRunner:
             record.images = [StoredOutput(key=i.key, width=i.width, height=i.height) for i in done.images]
             record.warnings = list(done.warnings)
             record.steps_done = record.steps_total = max(record.steps_total, record.steps_done)
-            await self._finish(record, JobState.COMPLETED)
+            await self._finish(record, JobState.COMPLETED, done)
             return
 
     async def _model_ready(self, model_id: str, timeout_s: float) -> None:
@@ -213,15 +216,21 @@ class JobRunner:
             except Exception as error:
                 logger.debug("readiness check failed: %s", error)
 
-    async def _finish(self, record: JobRecord, state: JobState) -> None:
+    async def _finish(self, record: JobRecord, state: JobState, done: CompletedJob | None = None) -> None:
         record.status = state
         record.completed_at = datetime.now(UTC)
         await self.jobs.save(record)
+        try:  # free the tenant's slot and meter the job, whatever its end
+            await self.service.release(job_from_fields(record.job), done)
+        except Exception as error:
+            logger.warning("job %s: could not release its admission: %s", record.id, error)
         if record.webhook is not None and not record.webhook.delivered:
             await self._notify(record)
 
     async def _notify(self, record: JobRecord) -> None:
-        if self.webhook_secret is None:
+        tenant = self.tenant_lookup(record.tenant)
+        secret = tenant.webhook_secret.encode() if tenant and tenant.webhook_secret else self.webhook_secret
+        if secret is None:
             record.webhook.attempts.append({"error": "webhooks are not configured (IMG2IMG_WEBHOOK_SECRET)"})
             await self.jobs.save(record)
             return
@@ -237,7 +246,7 @@ class JobRunner:
             record.webhook.delivered = await deliver(
                 record.webhook.url,
                 payload,
-                self.webhook_secret,
+                secret,
                 self.fetch_policy,
                 self.webhook_policy,
                 on_attempt,

@@ -93,3 +93,20 @@ class WorkerMetrics:
 
     def set_inflight(self, count: int) -> None:
         self.inflight.set(count)
+
+
+class TenantMetrics:
+    """Per-tenant usage counters; the tenant label is bounded by the configured tenants."""
+
+    def __init__(self) -> None:
+        from ray.serve.metrics import Counter
+
+        self.counters = {
+            name: Counter(f"img2img_tenant_{name}", description=f"{name} per tenant", tag_keys=("tenant",))
+            for name in ("requests", "images", "steps", "compute_seconds")
+        }
+
+    def tenant_usage(self, tenant: str, usage: dict[str, float]) -> None:
+        for name, counter in self.counters.items():
+            if usage.get(name):
+                counter.inc(float(usage[name]), tags={"tenant": tenant})

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference.errors import InferenceError
-from serve.api import jobs, node, openai, rest_v1, system
+from serve.api import jobs, node, openai, rest_v1, system, usage
 from serve.api.errors import ApiError, api_error
 
 logger = logging.getLogger("serve.webapp")
@@ -47,7 +47,7 @@ def create_app(max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
         version="1",
         description="Image-to-image diffusion with step-level batching. Authenticate with 'Bearer <key>'.",
     )
-    for module in (rest_v1, jobs, node, openai, system):
+    for module in (rest_v1, jobs, node, openai, system, usage):
         app.include_router(module.router)
 
     @app.middleware("http")
@@ -93,10 +93,10 @@ def create_app(max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         # FastAPI parses the body before running dependencies; an unauthenticated caller must still
         # get 401, not a lesson in our schema.
-        api_keys = getattr(request.app.state, "api_keys", None)
-        if request.url.path.startswith("/v1/") and api_keys is not None:
+        tenants = getattr(request.app.state, "tenants", None)
+        if request.url.path.startswith("/v1/") and tenants is not None:
             try:
-                api_keys.tenant_for(request.headers.get("authorization"))
+                tenants.tenant_for(request.headers.get("authorization"))
             except InferenceError as auth_error:
                 return _render(request, api_error(auth_error, _dialect(request).rename))
         return _render(request, _dialect(request).validation(error.errors()))

@@ -16,7 +16,7 @@ def get_service(request: Request) -> GenerationService:
 
 
 def get_tenant(request: Request) -> str:
-    return request.app.state.api_keys.tenant_for(request.headers.get("authorization"))
+    return request.app.state.tenants.tenant_for(request.headers.get("authorization"))
 
 
 def get_jobs(request: Request):

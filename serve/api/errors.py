@@ -8,6 +8,7 @@ same everywhere: ``{"error": {"code", "message", "details", "param"}}``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ STATUS_BY_CODE: Mapping[str, int] = {
     "image_too_large": 413,
     "payload_too_large": 413,
     "rate_limited": 429,
+    "model_not_allowed": 403,
     "canceled": 409,
     "idempotency_conflict": 409,
     "storage_unavailable": 503,
@@ -69,6 +71,8 @@ def api_error(error: InferenceError, rename: Callable[[InferenceError], str] | N
     if details is None and error.param is not None and isinstance(error, InvalidInputError):
         details = f"parameter: {error.param}"
     retry = RETRY_AFTER_S.get(error.code)
+    if getattr(error, "retry_after_s", None) is not None:
+        retry = max(1, math.ceil(error.retry_after_s))
     headers = {"Retry-After": str(retry)} if retry else {}
     return ApiError(status_for(error), code, error.message, details, error.param, headers)
 

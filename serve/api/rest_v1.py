@@ -163,7 +163,13 @@ async def image_to_image(
     prepared = await service.store_source(await service.prepare(job))
     record = new_record(prepared, display, webhook_url)
     idempotency = (idempotency_key, fingerprint(body.model_dump(mode="json"))) if idempotency_key else None
-    job_id = await jobs.accept(record, idempotency)
+    try:
+        job_id = await jobs.accept(record, idempotency)
+    except BaseException:
+        await service.release(prepared.job, None)
+        raise
+    if job_id != record.id:  # an idempotent replay: the original job stands, this admission is unused
+        await service.release(prepared.job, None)
     if not respond_async:  # synchronous but idempotent: the coordinator runs it; we wait for the outcome
         record = await jobs.wait(tenant, job_id, SYNC_WAIT_S)
         if record.status is JobState.FAILED:

@@ -18,12 +18,13 @@ from PIL import Image
 
 from inference.models import ModelRegistry
 from inference.types import GenerationRequest, GenerationResult, Progress
-from serve.auth import ApiKeys
 from serve.fetch import FetchPolicy
 from serve.generation import GenerationService
+from serve.governor import LocalAdmission, TenantGovernor
 from serve.job_runner import JobRunner
 from serve.jobs import JobStore
 from serve.storage import LocalObjectStore
+from serve.tenants import TenantCatalog, TenantDirectory, TenantStore
 from serve.webapp import create_app
 from serve.webhooks import WebhookPolicy
 
@@ -101,7 +102,13 @@ def build_app(tmp_path: Path, backend: FakeBackend | None = None) -> FastAPI:
         store=LocalObjectStore(tmp_path / "store", BASE_URL, b"0123456789abcdef0123"),
         fetch_policy=FetchPolicy(max_bytes=10 * 1024 * 1024),
     )
-    app.state.api_keys = ApiKeys.from_plain({API_KEY: TENANT})
+    catalog = TenantCatalog(
+        TenantDirectory.from_plain_keys({API_KEY: TENANT}), TenantStore(app.state.service.store)
+    )
+    app.state.tenants = catalog
+    app.state.usage = LocalAdmission(TenantGovernor())
+    app.state.service.admission = app.state.usage
+    app.state.service.tenant_lookup = catalog.lookup
     app.state.job_store = JobStore(app.state.service.store)
     app.state.jobs = JobRunner(
         app.state.service,

@@ -12,11 +12,11 @@ import pytest
 
 from inference.errors import GenerationError
 from serve.api.job_views import new_record
-from serve.auth import ApiKeys
 from serve.fetch import FetchPolicy
 from serve.generation import GenerationJob
 from serve.job_runner import JobRunner
 from serve.jobs import JobState
+from serve.tenants import TenantDirectory
 from serve.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from tests.unit.api_fakes import (
     API_KEY,
@@ -102,7 +102,7 @@ def test_a_failed_job_shows_its_error(client, backend):
 def test_unknown_and_other_tenants_jobs_are_404(client, app):
     job = submit(client)
     drain(client)
-    app.state.api_keys = ApiKeys.from_plain({API_KEY: TENANT, "other-key-123": "tenant-b"})
+    app.state.tenants = TenantDirectory.from_plain_keys({API_KEY: TENANT, "other-key-123": "tenant-b"})
     other = {"Authorization": "Bearer other-key-123"}
     assert_error(client.get(f"{URL}/{job['id']}", headers=other), 404, "not_found")
     assert_error(client.get(f"{URL}/img_doesnotexist", headers=AUTH), 404, "not_found")

@@ -1,0 +1,142 @@
+"""Per-tenant limits and usage, shared by every ingress replica and the job coordinator.
+
+One ``TenantGovernor`` runs in one Serve replica (``GovernorDeployment``), so its token buckets and
+in-flight counts hold across ingress replicas without a database. A request is admitted once, when
+it is accepted (synchronous or asynchronous), and released when it finishes, carrying its usage:
+requests, images, denoising steps and compute seconds (the request's share of each batched step).
+Usage is kept in hourly buckets, written to the object store (``_usage/{tenant}/{hour}.json``) so it
+outlives the replica, and exported as per-tenant Prometheus counters.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from inference.errors import InvalidInputError
+from serve.storage import ObjectNotFoundError, ObjectStore
+
+USAGE_FIELDS = ("requests", "images", "steps", "compute_seconds")
+IN_FLIGHT_TTL_S = 3600.0  # a request never released (its caller crashed) stops counting after this
+
+
+class RateLimitedError(InvalidInputError):
+    """The tenant is over its rate or concurrency limit (HTTP 429 with Retry-After)."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: float, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class Limits:
+    images_per_minute: float | None = None
+    concurrency: int | None = None
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+def _hour(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H")
+
+
+@dataclass
+class TenantGovernor:
+    store: ObjectStore | None = None
+    clock: callable = time.monotonic
+    metrics: object | None = None
+    _buckets: dict[str, _Bucket] = field(default_factory=dict)
+    _in_flight: dict[str, dict[str, float]] = field(default_factory=dict)
+    _usage: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    _dirty: set[tuple[str, str]] = field(default_factory=set)
+
+    def admit(self, tenant: str, request_id: str, images: int, limits: Limits) -> None:
+        """Count ``request_id`` against the tenant's limits, or raise RateLimitedError."""
+        now = self.clock()
+        flights = self._in_flight.setdefault(tenant, {})
+        for rid, started in list(flights.items()):
+            if now - started > IN_FLIGHT_TTL_S:
+                del flights[rid]
+        if limits.concurrency is not None and len(flights) >= limits.concurrency:
+            raise RateLimitedError(
+                f"tenant {tenant!r} has {len(flights)} requests in flight (limit {limits.concurrency})",
+                retry_after_s=1.0,
+            )
+        if limits.images_per_minute is not None:
+            per_second = limits.images_per_minute / 60.0
+            bucket = self._buckets.setdefault(tenant, _Bucket(limits.images_per_minute, now))
+            bucket.tokens = min(limits.images_per_minute, bucket.tokens + (now - bucket.updated) * per_second)
+            bucket.updated = now
+            if bucket.tokens < images:
+                wait = (images - bucket.tokens) / per_second
+                raise RateLimitedError(
+                    f"tenant {tenant!r} is over its rate limit of {limits.images_per_minute:g} images/minute",
+                    retry_after_s=wait,
+                )
+            bucket.tokens -= images
+        flights[request_id] = now
+
+    def release(self, tenant: str, request_id: str, usage: dict[str, float] | None = None) -> None:
+        """The request finished (or failed): free its slot and add its usage to the current hour."""
+        self._in_flight.get(tenant, {}).pop(request_id, None)
+        if usage:
+            slot = (tenant, _hour(datetime.now(UTC)))
+            totals = self._usage.setdefault(slot, dict.fromkeys(USAGE_FIELDS, 0.0))
+            for name in USAGE_FIELDS:
+                totals[name] += float(usage.get(name, 0.0))
+            self._dirty.add(slot)
+            if self.metrics is not None:
+                self.metrics.tenant_usage(tenant, usage)
+
+    async def flush(self) -> None:
+        """Write the hourly buckets that changed since the last flush."""
+        if self.store is None:
+            return
+        for tenant, hour in list(self._dirty):
+            data = json.dumps(self._usage[(tenant, hour)]).encode()
+            await self.store.put(f"_usage/{tenant}/{hour}.json", data, "application/json")
+            self._dirty.discard((tenant, hour))
+
+    async def usage(self, tenant: str, start: datetime, end: datetime) -> dict[str, float]:
+        """The tenant's totals over whole hours from ``start`` to ``end`` (memory first, then the store)."""
+        totals = dict.fromkeys(USAGE_FIELDS, 0.0)
+        moment = start.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+        while moment <= end:
+            hour = _hour(moment)
+            bucket = self._usage.get((tenant, hour))
+            if bucket is None and self.store is not None:
+                try:
+                    bucket = json.loads(await self.store.get(f"_usage/{tenant}/{hour}.json"))
+                except ObjectNotFoundError:
+                    bucket = None
+            for name in USAGE_FIELDS:
+                totals[name] += (bucket or {}).get(name, 0.0)
+            moment += timedelta(hours=1)
+        return totals
+
+    def in_flight(self, tenant: str) -> int:
+        return len(self._in_flight.get(tenant, {}))
+
+
+class LocalAdmission:
+    """The ``Admission`` protocol over an in-process governor (unit tests, single-process tools)."""
+
+    def __init__(self, governor: TenantGovernor) -> None:
+        self.governor = governor
+
+    async def admit(self, tenant: str, request_id: str, images: int, limits: Limits) -> None:
+        self.governor.admit(tenant, request_id, images, limits)
+
+    async def release(self, tenant: str, request_id: str, usage: dict[str, float] | None) -> None:
+        self.governor.release(tenant, request_id, usage)
+
+    async def usage(self, tenant: str, start: datetime, end: datetime) -> dict[str, float]:
+        return await self.governor.usage(tenant, start, end)
