@@ -315,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             jobs = [Job(r, t) for r, t in zip(requests, arrivals, strict=True)]
             figures = measure(servers, jobs, args.repeats)
             pattern = "all at t=0" if rate is None else f"Poisson λ={rate:g}/s"
+            pattern += f" (1-min load average after: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
             print(table(f"{size} px, {pattern}", figures, ratios(figures)), flush=True)
             results.append({"size": size, "rate": rate, "figures": figures, "ratios": ratios(figures)})
     if args.json:

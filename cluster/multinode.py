@@ -17,6 +17,7 @@ in ``--state-dir`` (default ``var/multinode``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -136,6 +137,17 @@ def _alive_nodes(state: dict[str, Any]) -> list[dict[str, Any]]:
     return [n for n in body["data"]["result"]["result"] if n["state"] == "ALIVE"]
 
 
+def _wait_nodes(state: dict[str, Any], count: int, log: Path, timeout_s: float) -> None:
+    """Wait until ``count`` nodes are alive; fail at once with the log if a node process died."""
+
+    def up() -> bool:
+        if not _live_members(list(state["pids"].values())[-1:]):
+            raise RuntimeError(f"`ray start` exited; its log ({log}) ends:\n{log.read_text()[-3000:]}")
+        return len(_alive_nodes(state)) >= count
+
+    wait_for(up, timeout_s, f"{count} node(s) alive")
+
+
 def start(state_store: State, head_cpus: int, worker_cpus: int, timeout_s: float) -> dict[str, Any]:
     temp_dir = tempfile.mkdtemp(prefix="i2i-mn-", dir="/tmp")  # short: Unix socket paths live here
     logs = state_store.folder / "logs"
@@ -173,7 +185,7 @@ def start(state_store: State, head_cpus: int, worker_cpus: int, timeout_s: float
         env,
     )
     state_store.save(state)
-    wait_for(lambda: len(_alive_nodes(state)) >= 1, timeout_s, "head node alive")
+    _wait_nodes(state, 1, logs / "head.log", timeout_s)
     state["pids"]["worker"] = _ray_start(
         [
             f"--address={state['address']}",
@@ -188,7 +200,7 @@ def start(state_store: State, head_cpus: int, worker_cpus: int, timeout_s: float
         env,
     )
     state_store.save(state)
-    wait_for(lambda: len(_alive_nodes(state)) >= 2, timeout_s, "worker node alive")
+    _wait_nodes(state, 2, logs / "worker.log", timeout_s)
     return state
 
 
@@ -250,6 +262,7 @@ def placement(state: dict[str, Any]) -> dict[str, Any]:
         {
             "node_id": n.node_id,
             "is_head": n.is_head_node,
+            "node_ip": n.node_ip,
             "resources": n.resources_total,
             "state": n.state,
         }
@@ -274,45 +287,47 @@ def print_placement(info: dict[str, Any]) -> None:
     for node in info["nodes"]:
         custom = {k: v for k, v in node["resources"].items() if k in ("head", INFERENCE_RESOURCE, "CPU")}
         role = "head" if node["is_head"] else "worker"
+        custom["ip"] = node["node_ip"]
         names[node["node_id"]] = f"{role}:{node['node_id'][:8]}"
         print(f"node {names[node['node_id']]:<16} {node['state']:<6} {custom}")
     for actor in info["actors"]:
         print(f"  {actor['class_name']:<40} on {names.get(actor['node_id'], actor['node_id'])}")
 
 
-def stop(state_store: State, timeout_s: float = 30) -> None:
-    """SIGTERM each node's ``ray start --block`` process group (this script's own), then SIGKILL leftovers."""
+def stop(state_store: State, grace_s: float = 15) -> None:
+    """SIGTERM each node's process group (this script's own ``ray start --block`` sessions), SIGKILL
+    what is left after ``grace_s``: the cluster's state is thrown away anyway."""
     if not state_store.path.exists():
         print("no cluster recorded: nothing to stop")
         return
     state = state_store.load()
-    pids = list(state.get("pids", {}).values())
-    for signum in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.killpg(pid, signum)  # start_new_session: the group id is the `ray start` pid
-            except ProcessLookupError:
-                pass
+    groups = list(state.get("pids", {}).values())
+    for signum, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
+        for pgid in groups:
+            with contextlib.suppress(ProcessLookupError):  # start_new_session: group id = `ray start` pid
+                os.killpg(pgid, signum)
         try:
-            wait_for(lambda: not _group_alive(pids), timeout_s, "node processes to exit")
+            wait_for(lambda: not _live_members(groups), wait_s, "node processes to exit", interval_s=0.25)
             break
         except TimeoutError:
             continue
     shutil.rmtree(state["temp_dir"], ignore_errors=True)
     state_store.path.unlink()
-    print(f"stopped nodes {pids}")
+    print(f"stopped the nodes (process groups {groups})")
 
 
-def _group_alive(pgids: list[int]) -> bool:
-    for pgid in pgids:
+def _live_members(groups: list[int]) -> list[int]:
+    """Pids of running (not zombie) processes in these process groups, read from /proc."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            os.killpg(pgid, 0)
-            return True
-        except ProcessLookupError:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
             continue
-        except PermissionError:
-            return True
-    return False
+        state, pgrp = fields[0], int(fields[2])
+        if pgrp in groups and state != "Z":
+            live.append(int(stat.parent.name))
+    return live
 
 
 def main(argv: list[str] | None = None) -> int:

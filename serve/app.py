@@ -3,7 +3,9 @@
 ``import_path: serve.app:build_app`` with ``args`` = ``AppArgs``. One ingress deployment (CPU,
 autoscaled) and one model deployment per configured model (``num_gpus``/``num_cpus`` from config,
 autoscaled around the engine's cap, bounded queues). The engine knobs travel as ``user_config``, so
-a Serve config update changes them live through ``ModelWorker.reconfigure``.
+a Serve config deploy that changes only a model deployment's ``user_config`` (its ``deployments:``
+override) reaches ``ModelWorker.reconfigure`` without restarting the replica. Changing ``args``
+(including ``models[].engine``) is a new application version: Serve replaces the replicas.
 """
 
 from __future__ import annotations
@@ -41,6 +43,20 @@ def build_app(args: dict[str, Any]) -> Application:
     """Validate ``args`` (errors name the bad field) and wire ingress → model deployments."""
     parsed = AppArgs.model_validate(args)
     handles = {model.spec["id"]: _model_deployment(model) for model in parsed.models}
+    args_json = parsed.model_dump(mode="json")
+
+    def single(cls, name: str):
+        """A coordination deployment: one replica that only awaits; Serve restarts it if it dies."""
+        return serve.deployment(cls).options(
+            name=name,
+            num_replicas=1,
+            ray_actor_options={"num_cpus": 0.1},
+            max_ongoing_requests=1000,
+        )
+
+    governor = single(GovernorDeployment, "TenantGovernor").bind(args_json)
+    # One coordinator owns durable jobs, so idempotency claims and cancellations stay race-free.
+    coordinator = single(JobCoordinator, "JobCoordinator").bind(args_json, handles, governor)
     ingress = serve.deployment(Ingress).options(
         name="Ingress",
         ray_actor_options={"num_cpus": parsed.ingress.num_cpus},
@@ -48,20 +64,4 @@ def build_app(args: dict[str, Any]) -> Application:
         max_ongoing_requests=parsed.ingress.max_ongoing_requests,
         max_queued_requests=parsed.ingress.max_queued_requests,
     )
-    args_json = parsed.model_dump(mode="json")
-    # One coordinator replica owns durable jobs (idempotency and cancellation stay race-free); it only
-    # awaits, so it needs little CPU, and Serve restarts it if it dies.
-    coordinator = serve.deployment(JobCoordinator).options(
-        name="JobCoordinator", num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1000
-    )
-    governor = (
-        serve.deployment(GovernorDeployment)
-        .options(
-            name="TenantGovernor",
-            num_replicas=1,
-            ray_actor_options={"num_cpus": 0.1},
-            max_ongoing_requests=1000,
-        )
-        .bind(args_json)
-    )
-    return ingress.bind(args_json, handles, coordinator.bind(args_json, handles, governor), governor)
+    return ingress.bind(args_json, handles, coordinator, governor)

@@ -60,6 +60,12 @@ class WorkerMetrics:
             tag_keys=("model",),
         )
         self.images = Counter("img2img_images_generated", description="Images generated", tag_keys=("model",))
+        # Exact batch-size accounting: Ray rebuilds a histogram's _sum from bucket midpoints, so the mean
+        # batch size is rate(..._batched_samples_total) / rate(..._unet_calls_total), not _sum/_count.
+        self.unet_calls = Counter("img2img_unet_calls", description="Batched UNet calls", tag_keys=("model",))
+        self.batched_samples = Counter(
+            "img2img_batched_samples", description="Samples summed over UNet calls", tag_keys=("model",)
+        )
         self.failures = Counter(
             "img2img_generation_failures",
             description="Requests that failed in the engine",
@@ -82,6 +88,8 @@ class WorkerMetrics:
 
     def step(self, samples: int, seconds: float) -> None:
         self.batch_samples.observe(samples)
+        self.unet_calls.inc()
+        self.batched_samples.inc(samples)
         self.step_time.observe(seconds)
 
     def finished(self, images: int, queue_wait_s: float) -> None:

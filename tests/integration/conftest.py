@@ -50,7 +50,7 @@ def _stack_args(model_dir: Path, bucket: str) -> dict:
                 "engine": {"max_batch_samples": 8},
                 "scaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8},
                 "num_cpus": 0.5,
-                "torch_threads": 2,
+                "torch_threads": 1,
                 "max_ongoing_requests": 32,
             }
         ],

@@ -143,15 +143,16 @@ def test_sixteen_concurrent_mixed_requests_share_denoising_steps(client, stack):
         }
         for i in range(16)
     ]
-    steps_before = _metric_sum(stack, "ray_img2img_batch_samples_count")
-    samples_before = _metric_sum(stack, "ray_img2img_batch_samples_sum")
+    # Counters, not the histogram: Ray rebuilds a histogram's _sum from bucket midpoints.
+    steps_before = _metric_sum(stack, "ray_img2img_unet_calls_total")
+    samples_before = _metric_sum(stack, "ray_img2img_batched_samples_total")
     with ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(lambda b: client.post("/v1/image-to-image", json=b), bodies))
     assert [r.status_code for r in responses] == [200] * 16
 
     def batched():
-        steps = _metric_sum(stack, "ray_img2img_batch_samples_count") - steps_before
-        samples = _metric_sum(stack, "ray_img2img_batch_samples_sum") - samples_before
+        steps = _metric_sum(stack, "ray_img2img_unet_calls_total") - steps_before
+        samples = _metric_sum(stack, "ray_img2img_batched_samples_total") - samples_before
         return steps > 0 and samples >= 16 and (samples, steps)
 
     samples, steps = _wait_for(batched, 30, 1, "batch metrics exported")
