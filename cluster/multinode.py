@@ -294,7 +294,7 @@ def print_placement(info: dict[str, Any]) -> None:
         print(f"  {actor['class_name']:<40} on {names.get(actor['node_id'], actor['node_id'])}")
 
 
-def stop(state_store: State, grace_s: float = 15) -> None:
+def stop(state_store: State, grace_s: float = 10) -> None:
     """SIGTERM each node's process group (this script's own ``ray start --block`` sessions), SIGKILL
     what is left after ``grace_s``: the cluster's state is thrown away anyway."""
     if not state_store.path.exists():

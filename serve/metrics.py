@@ -83,6 +83,8 @@ class WorkerMetrics:
             self.images,
             self.failures,
             self.inflight,
+            self.unet_calls,
+            self.batched_samples,
         ):
             metric.set_default_tags(dict(tags))  # Ray adds its own keys to the dict it is given
 

@@ -127,30 +127,50 @@ class ModelWorker:
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        """The step loop. It must outlive any error: a failed step fails the requests in flight with
+        a GenerationError; a failing metric or progress update is logged and skipped."""
         loop = asyncio.get_running_loop()
         while True:
             if not self._engine.has_work:
                 await self._wakeup.wait()
                 self._wakeup.clear()
                 continue
-            outcomes, stats = await loop.run_in_executor(self._executor, self._engine.step)
-            if stats is not None:
-                self._metrics.step(stats.samples, stats.step_s)
-            for request_id, updates in self._progress_queues.items():
-                progress = self._engine.progress(request_id)
-                if progress is not None:
-                    updates.put_nowait(progress)
+            try:
+                outcomes, stats = await loop.run_in_executor(self._executor, self._engine.step)
+            except Exception as error:
+                logger.exception("engine step failed; failing the requests in flight")
+                self._fail_all(GenerationError("the engine failed", details=repr(error)[:300]))
+                continue
+            try:
+                self._after_step(stats)
+            except Exception:
+                logger.exception("step bookkeeping failed")
             for outcome in outcomes:
                 self._resolve(outcome)
 
+    def _after_step(self, stats) -> None:
+        if stats is not None:
+            self._metrics.step(stats.samples, stats.step_s)
+        for request_id, updates in self._progress_queues.items():
+            progress = self._engine.progress(request_id)
+            if progress is not None:
+                updates.put_nowait(progress)
+
+    def _fail_all(self, error: GenerationError) -> None:
+        for request_id, future in list(self._futures.items()):
+            self._engine.cancel(request_id)
+            if not future.done():
+                future.set_exception(error)
+
     def _resolve(self, outcome) -> None:
         future = self._futures.get(outcome.request_id)
-        if isinstance(outcome.error, RequestCancelledError):
-            pass  # the caller left; not a failure of ours
-        elif outcome.error is not None:
-            self._metrics.failed()
-        else:
-            self._metrics.finished(len(outcome.result.images), outcome.result.queue_wait_s)
+        try:
+            if outcome.error is None:
+                self._metrics.finished(len(outcome.result.images), outcome.result.queue_wait_s)
+            elif not isinstance(outcome.error, RequestCancelledError):  # a caller leaving is no failure
+                self._metrics.failed()
+        except Exception:
+            logger.exception("metrics update failed")
         if future is None or future.done():
             return
         if outcome.error is not None:

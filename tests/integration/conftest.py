@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from serve.auth import hash_key
 from tests.support.s3server import SETUP_HINT, SeaweedS3Server, find_weed
 
 
@@ -25,6 +26,7 @@ def s3_server():
 
 
 WEBHOOK_SECRET = "integration-webhook-secret"
+LIMITED_KEY = "sk-limited-integration-key"
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,17 @@ def _stack_args(model_dir: Path, bucket: str) -> dict:
                 "max_ongoing_requests": 32,
             }
         ],
-        "ingress": {"scaling": {"min_replicas": 1, "max_replicas": 1}, "num_cpus": 0.25},
+        # Two ingress replicas: tenant limits must hold across them (the governor is shared).
+        "ingress": {"scaling": {"min_replicas": 2, "max_replicas": 2}, "num_cpus": 0.25},
+        "tenants": [
+            {
+                "name": "limited",
+                "key_hashes": [hash_key(LIMITED_KEY)],
+                "rate_limit_images_per_minute": 4,
+                "allowed_models": ["tiny-sd"],
+                "max_images_per_request": 2,
+            }
+        ],
         "storage": {"kind": "s3", "bucket": bucket, "url_expiry_s": 600},
         "fetch": {"allow_networks": ["127.0.0.1/32"]},
         "webhooks": {"max_attempts": 4, "first_delay_s": 0.2, "timeout_s": 5},
