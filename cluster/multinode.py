@@ -38,9 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCAL_CONFIG = ROOT / "cluster" / "serve_config.local.yaml"
 BIN = Path(sys.executable).parent
 INFERENCE_RESOURCE = "inference_node"
-HOST = "127.0.0.1"  # HTTP endpoints: dashboard (state API, serve deploy) and the Serve proxy
-# Node IPs: loopback, one per node like two machines. Not 127.0.0.1: Ray swaps that for the LAN address.
-HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
+HOST = "127.0.0.1"  # every node's IP, the dashboard (state API, serve deploy) and the Serve proxy
+# How the worker reaches the head's GCS (which listens on all local addresses). Not 127.0.0.1: on a
+# worker node Ray swaps a "localhost" address for the LAN one; any other loopback address stays loopback.
+HEAD_ALIAS = "127.0.0.2"
 
 
 def free_port() -> int:
@@ -110,7 +111,7 @@ def _ray_start(args: list[str], log: Path, env: dict[str, str]) -> int:
     return process.pid
 
 
-def _node_ports() -> list[str]:
+def _node_ports(metrics_port: int) -> list[str]:
     """Per-node ports that would otherwise default to fixed numbers shared by every node on a host."""
     return [
         f"--node-manager-port={free_port()}",
@@ -118,7 +119,7 @@ def _node_ports() -> list[str]:
         f"--dashboard-agent-listen-port={free_port()}",
         f"--dashboard-agent-grpc-port={free_port()}",
         f"--runtime-env-agent-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
+        f"--metrics-export-port={metrics_port}",
         "--min-worker-port=0",  # 0: ephemeral ports, so two raylets never hand out the same one
         "--max-worker-port=0",
     ]
@@ -152,23 +153,27 @@ def start(state_store: State, head_cpus: int, worker_cpus: int, timeout_s: float
     temp_dir = tempfile.mkdtemp(prefix="i2i-mn-", dir="/tmp")  # short: Unix socket paths live here
     logs = state_store.folder / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    gcs_port, dashboard_port = free_port(), free_port()
+    gcs_port, dashboard_port, head_metrics, worker_metrics = (free_port() for _ in range(4))
     state: dict[str, Any] = {
-        "address": f"{HEAD_IP}:{gcs_port}",
+        "address": f"{HEAD_ALIAS}:{gcs_port}",  # RAY_ADDRESS for drivers and `ray` CLIs
         "dashboard": f"http://{HOST}:{dashboard_port}",
         "temp_dir": temp_dir,
         "api_key": os.environ.get("IMG2IMG_DEV_API_KEY") or "dev-" + secrets.token_urlsafe(18),
         "url_signing_key": os.environ.get("IMG2IMG_URL_SIGNING_KEY") or secrets.token_urlsafe(32),
         "ray_token": secrets.token_hex(32),
+        "metrics": {"head": f"{HOST}:{head_metrics}", "worker": f"{HOST}:{worker_metrics}"},
         "pids": {},
     }
     state_store.save(state)
-    env = node_env(state)
+    # The head keeps 127.0.0.1 only with Ray's multi-node switch off (a worker refuses to start so);
+    # the worker, given no IP, takes the local address it uses to reach the head: 127.0.0.1 too.
+    head_env = {**node_env(state), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    worker_env = {**node_env(state), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
     common = [f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     state["pids"]["head"] = _ray_start(
         [
             "--head",
-            f"--node-ip-address={HEAD_IP}",
+            f"--node-ip-address={HOST}",
             f"--port={gcs_port}",
             f"--num-cpus={head_cpus}",
             "--num-gpus=0",
@@ -179,25 +184,24 @@ def start(state_store: State, head_cpus: int, worker_cpus: int, timeout_s: float
             f"--dashboard-host={HOST}",
             f"--dashboard-port={dashboard_port}",
             *common,
-            *_node_ports(),
+            *_node_ports(head_metrics),
         ],
         logs / "head.log",
-        env,
+        head_env,
     )
     state_store.save(state)
     _wait_nodes(state, 1, logs / "head.log", timeout_s)
     state["pids"]["worker"] = _ray_start(
         [
-            f"--address={state['address']}",
-            f"--node-ip-address={WORKER_IP}",
+            f"--address={HEAD_ALIAS}:{gcs_port}",
             f"--num-cpus={worker_cpus}",
             "--num-gpus=0",
             "--resources=" + json.dumps({INFERENCE_RESOURCE: 1}),
             *common,
-            *_node_ports(),
+            *_node_ports(worker_metrics),
         ],
         logs / "worker.log",
-        env,
+        worker_env,
     )
     state_store.save(state)
     _wait_nodes(state, 2, logs / "worker.log", timeout_s)
@@ -346,7 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         if store.path.exists():
             raise SystemExit(f"a cluster is already recorded in {store.path}: run `stop` first")
         state = start(store, args.head_cpus, args.worker_cpus, args.timeout_s)
-        print(f"cluster up: RAY_ADDRESS={state['address']}  state API / serve deploy: {state['dashboard']}")
+        print(
+            f"cluster up: RAY_ADDRESS={state['address']}  dashboard (state API, serve deploy): "
+            f"{state['dashboard']}  metrics: {', '.join(state['metrics'].values())}"
+        )
     if args.command in ("deploy", "up"):
         state = deploy(store, args.http_port or free_port(), args.timeout_s)
         print(f"application ready on {state['http']}  (API key, tenant 'dev': {state['api_key']})")
