@@ -38,10 +38,16 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCAL_CONFIG = ROOT / "cluster" / "serve_config.local.yaml"
 BIN = Path(sys.executable).parent
 INFERENCE_RESOURCE = "inference_node"
-HOST = "127.0.0.1"  # every node's IP, the dashboard (state API, serve deploy) and the Serve proxy
-# How the worker reaches the head's GCS (which listens on all local addresses). Not 127.0.0.1: on a
-# worker node Ray swaps a "localhost" address for the LAN one; any other loopback address stays loopback.
-HEAD_ALIAS = "127.0.0.2"
+HOST = "127.0.0.1"  # every node's IP and every listener: GCS, raylets, dashboard, metrics, Serve
+
+# Loopback only: with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 Ray keeps a node on 127.0.0.1 (otherwise it
+# swaps 127.0.0.1 for the LAN address and listens on all interfaces), but `ray start --address` then
+# refuses to add a node. This launcher lifts that one refusal in the `ray start` CLI process only.
+LOOPBACK_RAY_START = (
+    "import sys, types, ray._private.ray_constants as rc, ray.scripts.scripts as cli; "
+    "cli.ray_constants = types.SimpleNamespace(**{**vars(rc), 'ENABLE_RAY_CLUSTER': True}); "
+    "sys.argv = ['ray', 'start', *sys.argv[1:]]; cli.main()"
+)
 
 
 def free_port() -> int:
@@ -87,6 +93,7 @@ def node_env(state: dict[str, Any]) -> dict[str, str]:
             "RAY_USAGE_STATS_ENABLED": "0",
             "HF_HUB_OFFLINE": "1",
             "HF_HUB_DISABLE_TELEMETRY": "1",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keep 127.0.0.1 (see LOOPBACK_RAY_START)
             "RAY_AUTH_MODE": "token",  # this cluster's own token, not the user's ~/.ray/auth_token
             "RAY_AUTH_TOKEN": state["ray_token"],
             "IMG2IMG_DEV_API_KEY": state["api_key"],
@@ -100,7 +107,7 @@ def _ray_start(args: list[str], log: Path, env: dict[str, str]) -> int:
     """Start one node as its own ``ray start --block`` process group; returns its pid."""
     with log.open("w") as out:
         process = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--block", *args],
+            [sys.executable, "-c", LOOPBACK_RAY_START, "--block", *args],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -155,7 +162,7 @@ def start(state_store: State, head_cpus: int, worker_cpus: int, timeout_s: float
     logs.mkdir(parents=True, exist_ok=True)
     gcs_port, dashboard_port, head_metrics, worker_metrics = (free_port() for _ in range(4))
     state: dict[str, Any] = {
-        "address": f"{HEAD_ALIAS}:{gcs_port}",  # RAY_ADDRESS for drivers and `ray` CLIs
+        "address": f"{HOST}:{gcs_port}",
         "dashboard": f"http://{HOST}:{dashboard_port}",
         "temp_dir": temp_dir,
         "api_key": os.environ.get("IMG2IMG_DEV_API_KEY") or "dev-" + secrets.token_urlsafe(18),
@@ -165,15 +172,11 @@ def start(state_store: State, head_cpus: int, worker_cpus: int, timeout_s: float
         "pids": {},
     }
     state_store.save(state)
-    # The head keeps 127.0.0.1 only with Ray's multi-node switch off (a worker refuses to start so);
-    # the worker, given no IP, takes the local address it uses to reach the head: 127.0.0.1 too.
-    head_env = {**node_env(state), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    worker_env = {**node_env(state), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
-    common = [f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    env = node_env(state)
+    common = [f"--node-ip-address={HOST}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     state["pids"]["head"] = _ray_start(
         [
             "--head",
-            f"--node-ip-address={HOST}",
             f"--port={gcs_port}",
             f"--num-cpus={head_cpus}",
             "--num-gpus=0",
@@ -187,13 +190,13 @@ def start(state_store: State, head_cpus: int, worker_cpus: int, timeout_s: float
             *_node_ports(head_metrics),
         ],
         logs / "head.log",
-        head_env,
+        env,
     )
     state_store.save(state)
     _wait_nodes(state, 1, logs / "head.log", timeout_s)
     state["pids"]["worker"] = _ray_start(
         [
-            f"--address={HEAD_ALIAS}:{gcs_port}",
+            f"--address={state['address']}",
             f"--num-cpus={worker_cpus}",
             "--num-gpus=0",
             "--resources=" + json.dumps({INFERENCE_RESOURCE: 1}),
@@ -201,7 +204,7 @@ def start(state_store: State, head_cpus: int, worker_cpus: int, timeout_s: float
             *_node_ports(worker_metrics),
         ],
         logs / "worker.log",
-        worker_env,
+        env,
     )
     state_store.save(state)
     _wait_nodes(state, 2, logs / "worker.log", timeout_s)
@@ -299,38 +302,50 @@ def print_placement(info: dict[str, Any]) -> None:
 
 
 def stop(state_store: State, grace_s: float = 10) -> None:
-    """SIGTERM each node's process group (this script's own ``ray start --block`` sessions), SIGKILL
-    what is left after ``grace_s``: the cluster's state is thrown away anyway."""
+    """End this cluster's processes, and only those: SIGTERM, then SIGKILL after ``grace_s``.
+
+    Ours are the two ``ray start`` process groups and the worker processes their raylets spawned in
+    groups of their own, recognised by this cluster's auth token in their environment."""
     if not state_store.path.exists():
         print("no cluster recorded: nothing to stop")
         return
     state = state_store.load()
     groups = list(state.get("pids", {}).values())
+    marker = f"RAY_AUTH_TOKEN={state['ray_token']}".encode()
     for signum, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
         for pgid in groups:
             with contextlib.suppress(ProcessLookupError):  # start_new_session: group id = `ray start` pid
                 os.killpg(pgid, signum)
+        if signum == signal.SIGKILL:
+            for pid in _live_members(groups, marker):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
         try:
-            wait_for(lambda: not _live_members(groups), wait_s, "node processes to exit", interval_s=0.25)
+            wait_for(lambda: not _live_members(groups, marker), wait_s, "processes to exit", interval_s=0.25)
             break
         except TimeoutError:
             continue
-    shutil.rmtree(state["temp_dir"], ignore_errors=True)
+    for _ in range(3):  # a process that was still exiting may have recreated a folder
+        shutil.rmtree(state["temp_dir"], ignore_errors=True)
+        time.sleep(0.2)
     state_store.path.unlink()
     print(f"stopped the nodes (process groups {groups})")
 
 
-def _live_members(groups: list[int]) -> list[int]:
-    """Pids of running (not zombie) processes in these process groups, read from /proc."""
+def _live_members(groups: list[int], marker: bytes = b"") -> list[int]:
+    """Running (not zombie) processes in these process groups or with ``marker`` in their environment."""
     live = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] == "Z":
+                continue
+            if int(fields[2]) in groups or (marker and marker in (proc / "environ").read_bytes()):
+                live.append(int(proc.name))
         except OSError:
             continue
-        state, pgrp = fields[0], int(fields[2])
-        if pgrp in groups and state != "Z":
-            live.append(int(stat.parent.name))
     return live
 
 
