@@ -367,8 +367,9 @@ def _quiet_latencies(engine: StepBatchingEngine, noisy: int, quiet_every: int) -
 def test_fair_admission_bounds_a_quiet_tenants_latency_under_a_10x_flood(pipes):
     """40 requests from one tenant at once, 4 spaced out from another (10x the traffic), cap 4.
 
-    Alone, a 10-step request takes 10 steps. Under fair admission the quiet tenant's worst case stays
-    within 2x that (it waits at most for one slot to free up); under FIFO it waits for the flood.
+    Alone, a request of 10 steps at strength 0.8 takes 8 UNet steps. Under fair admission the quiet
+    tenant's worst case stays within 2x that (it waits at most for one slot to free up); under FIFO it
+    waits behind the flood.
     """
     latencies = {}
     for policy in ("fifo", "fair"):
@@ -377,6 +378,5 @@ def test_fair_admission_bounds_a_quiet_tenants_latency_under_a_10x_flood(pipes):
         )
         latencies[policy] = _quiet_latencies(engine, noisy=40, quiet_every=12)
     assert len(latencies["fair"]) == len(latencies["fifo"]) == 4
-    assert max(latencies["fair"]) <= 20, latencies
-    assert max(latencies["fifo"]) >= 60, latencies
-    print("quiet-tenant latency in steps (alone: 10):", latencies)
+    assert max(latencies["fair"]) <= 16, latencies
+    assert max(latencies["fifo"]) >= 48, latencies
