@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import io
 import json
 import re
@@ -131,6 +132,7 @@ def _strict(schema):
     return schema
 
 
+@functools.cache
 def _crd_validator(kind: str) -> jsonschema.Validator:
     path = SCHEMAS / CRD_FILES[kind]
     assert path.exists(), f"{path} missing: CI runs with shared/ beside the repository"
