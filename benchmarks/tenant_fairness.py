@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
     noisy = args.quiet_clients * args.noisy_factor
     print(
-        f"\n### tenant fairness: quiet x{args.quiet_clients} clients, noisy x{noisy}, {args.duration:g} s/phase\n"
+        f"\n### tenant fairness: quiet x{args.quiet_clients}, noisy x{noisy} clients, {args.duration:g} s/phase\n"
     )
     print(
         "| phase | tenant | requests | errors | img/s | p50 s | p95 s |\n|---|---|---:|---:|---:|---:|---:|"
