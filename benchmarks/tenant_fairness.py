@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
     noisy = args.quiet_clients * args.noisy_factor
     print(
-        f"\n### tenant fairness: quiet x{args.quiet_clients}, noisy x{noisy} clients, {args.duration:g} s/phase\n"
+        f"\n### tenant fairness: quiet x{args.quiet_clients}, noisy x{noisy} clients, "
+        f"{args.duration:g} s per phase\n"
     )
     print(
         "| phase | tenant | requests | errors | img/s | p50 s | p95 s |\n|---|---|---:|---:|---:|---:|---:|"
