@@ -18,21 +18,10 @@ from inference.errors import GenerationError, InferenceError
 from inference.images import ImageLimits
 from inference.types import GenerationRequest, GenerationResult, Progress
 from serve.config import AppArgs, ModelDeployment, Secrets, build_store
+from serve.errors import GenerationTimeoutError, ModelUnavailableError, OverloadedError
 from serve.fetch import FetchPolicy
 from serve.generation import GenerationService, ProgressCallback
 from serve.jobs import JobRecord
-
-
-class OverloadedError(GenerationError):
-    code = "overloaded"
-
-
-class ModelUnavailableError(GenerationError):
-    code = "model_unavailable"
-
-
-class GenerationTimeoutError(GenerationError):
-    code = "timeout"
 
 
 class RayModelBackend:

@@ -150,3 +150,13 @@ def test_admin_cli_creates_issues_rotates_and_revokes(tmp_path, monkeypatch, cap
         catalog.tenant_for(f"Bearer {first}")
     shown = cli("show", "beta")
     assert first not in shown and second not in shown and '"concurrency_limit": 2' in shown
+
+
+def test_a_full_model_queue_is_503_with_retry_after(client, backend):
+    """Serve's bounded queue (max_queued_requests) raises BackPressureError; the backend maps it to this."""
+    from serve.errors import OverloadedError
+
+    backend.error = OverloadedError("model sd-test is at capacity; retry shortly")
+    response = client.post(URL, json=body(), headers={"Authorization": "Bearer test-key-123"})
+    assert_error(response, 503, "overloaded")
+    assert int(response.headers["retry-after"]) >= 1
