@@ -89,8 +89,11 @@ def unwrap(error: RayTaskError, what: str) -> InferenceError:
     return GenerationError(what, details=str(cause or error)[:500])
 
 
-class RayJobs:
-    """The job coordinator deployment behind the same methods as an in-process ``JobRunner``."""
+class _Remote:
+    """Calls to a single-replica coordination deployment, with Ray failures in the package's terms."""
+
+    name = "deployment"
+    unavailable = ModelUnavailableError
 
     def __init__(self, handle: DeploymentHandle) -> None:
         self._handle = handle
@@ -99,11 +102,17 @@ class RayJobs:
         try:
             return await getattr(self._handle, method).remote(*args)
         except RayTaskError as error:
-            raise unwrap(error, "the job coordinator failed") from None
+            raise unwrap(error, f"the {self.name} failed") from None
         except (RayActorError, DeploymentUnavailableError, BackPressureError) as error:
-            raise ModelUnavailableError(
-                "the job coordinator is unavailable", details=str(error)[:300]
+            raise self.unavailable(
+                f"the {self.name} is unavailable; retry shortly", details=str(error)[:300]
             ) from None
+
+
+class RayJobs(_Remote):
+    """The job coordinator deployment behind the same methods as an in-process ``JobRunner``."""
+
+    name = "job coordinator"
 
     async def accept(self, record: JobRecord, idempotency: tuple[str, str] | None = None) -> str:
         return await self._call("accept", record, idempotency)
@@ -140,22 +149,14 @@ def build_service(
     return service
 
 
-class RayGovernor:
-    """``Admission`` over the tenant governor deployment: limits that hold across ingress replicas."""
+class RayGovernor(_Remote):
+    """``Admission`` over the tenant governor deployment: limits that hold across ingress replicas.
 
-    def __init__(self, handle: DeploymentHandle) -> None:
-        self._handle = handle
+    It fails closed (503): without the governor nobody's limits can be enforced.
+    """
 
-    async def _call(self, method: str, *args):
-        try:
-            return await getattr(self._handle, method).remote(*args)
-        except RayTaskError as error:
-            raise unwrap(error, "the tenant governor failed") from None
-        except (RayActorError, DeploymentUnavailableError, BackPressureError) as error:
-            # Fail closed: without the governor we cannot enforce anyone's limits.
-            raise OverloadedError(
-                "tenant limits are unavailable; retry shortly", details=str(error)[:300]
-            ) from None
+    name = "tenant governor"
+    unavailable = OverloadedError
 
     async def admit(self, tenant: str, request_id: str, images: int, limits) -> None:
         await self._call("admit", tenant, request_id, images, limits)
