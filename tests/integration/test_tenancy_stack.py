@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from serve.auth import hash_key
 from tests.integration.conftest import LIMITED_KEY
 from tests.integration.test_serve_stack import _data_url, _png, _wait_for
 
@@ -69,3 +70,33 @@ def test_usage_is_metered_and_exported_per_tenant(client, stack):
 
     lines = _wait_for(exported, 60, 1, "per-tenant metrics")
     assert any('tenant="tenant-a"' in line for line in lines)
+
+
+def test_admin_cli_keys_take_effect_on_the_running_stack(client, stack, tmp_path, capsys, monkeypatch):
+    """img2img-admin writes tenants to the same S3 store; ingress replicas pick them up within seconds."""
+    import yaml
+
+    from serve import admin
+
+    config = tmp_path / "serve_config.yaml"
+    args = {"models": [{"spec": {"id": "tiny-sd", "family": "sd", "source": "unused"}}]}
+    args["storage"] = {"kind": "s3", "bucket": stack.bucket}
+    config.write_text(yaml.safe_dump({"applications": [{"args": args}]}))
+
+    def cli(*argv) -> str:
+        assert admin.main(["--config", str(config), *argv]) == 0
+        return capsys.readouterr().out.strip()
+
+    cli("create-tenant", "cli-tenant", "--rate", "600")
+    key = cli("issue-key", "cli-tenant").splitlines()[0]
+    headers = {"Authorization": f"Bearer {key}"}
+
+    def everywhere(expected: int):  # several calls in a row, so both ingress replicas answer
+        return lambda: all(
+            client.get("/v1/models", headers=headers).status_code == expected for _ in range(6)
+        )
+
+    _wait_for(everywhere(200), 60, 1, "the new key accepted by every ingress replica")
+    assert client.post(URL, json=_body(), headers=headers).status_code == 200
+    cli("revoke-key", "cli-tenant", "--hash", hash_key(key)[:12])
+    _wait_for(everywhere(401), 60, 1, "the revoked key refused by every ingress replica")
