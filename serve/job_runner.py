@@ -28,9 +28,10 @@ from serve.webhooks import WebhookPolicy, deliver
 logger = logging.getLogger("serve.jobs")
 
 #: Errors after which a job is tried again (the replica died or was unavailable), up to MAX_RUNS runs.
-RETRYABLE_CODES = {"model_unavailable", "overloaded"}
+RETRYABLE_CODES = {"model_unavailable", "overloaded", "storage_unavailable"}
 MAX_RUNS = 3
-REPLICA_WAIT_S = 120.0  # how long a retry waits for the model to have a ready replica again
+REPLICA_WAIT_S = 120.0  # how long a retry waits for the model (or the store) to answer again
+STORAGE_OUTAGE_RETRIES = 10  # storage failing the record itself: wait and start the job over this often
 PROGRESS_SAVE_INTERVAL_S = 1.0
 
 
@@ -154,6 +155,25 @@ class JobRunner:
         task.add_done_callback(lambda _: self._tasks.pop(job_id, None))
 
     async def _run(self, tenant: str, job_id: str) -> None:
+        """Run a job to a final, saved state. If the store itself is down (the record cannot be read or
+        written), wait for it and start over: the job's seed is fixed, so a rerun gives the same images."""
+        try:
+            for _ in range(STORAGE_OUTAGE_RETRIES):
+                try:
+                    await self._run_once(tenant, job_id)
+                    return
+                except InferenceError as error:
+                    if error.code != "storage_unavailable":
+                        raise
+                    logger.warning("job %s: storage unavailable (%s); waiting for it", job_id, error)
+                    await self._storage_back(REPLICA_WAIT_S)
+            logger.error("job %s: storage stayed down; the job stays pending and resumes on restart", job_id)
+        finally:
+            event = self._done.pop(job_id, None)
+            if event is not None:
+                event.set()
+
+    async def _run_once(self, tenant: str, job_id: str) -> None:
         record = await self.jobs.load(tenant, job_id)
         try:
             if record is None or record.status.terminal:
@@ -165,14 +185,16 @@ class JobRunner:
         except asyncio.CancelledError:
             if record is not None:
                 await self._finish(record, JobState.CANCELED)
+        except InferenceError as error:
+            if error.code == "storage_unavailable":
+                raise
+            logger.exception("job %s crashed", job_id)
+            record.error = {"code": "internal_error", "message": "internal error while running the job"}
+            await self._finish(record, JobState.FAILED)
         except Exception:  # a bug must still leave the job in a final state
             logger.exception("job %s crashed", job_id)
             record.error = {"code": "internal_error", "message": "internal error while running the job"}
             await self._finish(record, JobState.FAILED)
-        finally:
-            event = self._done.pop(job_id, None)
-            if event is not None:
-                event.set()
 
     async def _execute(self, record: JobRecord) -> None:
         prepared = await self.service.restore(job_from_fields(record.job), record.source_key)
@@ -193,8 +215,11 @@ class JobRunner:
                 done = await self.service.execute(prepared, on_progress)
             except InferenceError as error:
                 if error.code in RETRYABLE_CODES and record.run_attempts < MAX_RUNS:
-                    logger.warning("job %s: %s; trying again once the model is ready", record.id, error.code)
-                    await self._model_ready(prepared.model.id, REPLICA_WAIT_S)
+                    logger.warning("job %s: %s; trying again once it recovers", record.id, error.code)
+                    if error.code == "storage_unavailable":
+                        await self._storage_back(REPLICA_WAIT_S)
+                    else:
+                        await self._model_ready(prepared.model.id, REPLICA_WAIT_S)
                     continue
                 record.error = {"code": error.code, "message": error.message, "details": error.details}
                 await self._finish(record, JobState.FAILED)
@@ -204,6 +229,17 @@ class JobRunner:
             record.steps_done = record.steps_total = max(record.steps_total, record.steps_done)
             await self._finish(record, JobState.COMPLETED, done)
             return
+
+    async def _storage_back(self, timeout_s: float) -> None:
+        """Wait (bounded) until the object store answers again."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(1.0)
+            try:
+                await self.service.store.check()
+                return
+            except InferenceError as error:
+                logger.debug("storage still unavailable: %s", error)
 
     async def _model_ready(self, model_id: str, timeout_s: float) -> None:
         """Wait (bounded) until the model has a replica that answers, e.g. after one died."""

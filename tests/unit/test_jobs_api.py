@@ -16,6 +16,7 @@ from serve.fetch import FetchPolicy
 from serve.generation import GenerationJob
 from serve.job_runner import JobRunner
 from serve.jobs import JobState
+from serve.storage import StorageUnavailableError
 from serve.tenants import TenantDirectory
 from serve.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from tests.unit.api_fakes import (
@@ -233,3 +234,39 @@ def test_unfinished_jobs_are_resumed_by_a_new_runner(client, app, backend):
     client.portal.call(fresh.drain)
     assert client.get(f"{URL}/{job_id}", headers=AUTH).json()["status"] == "completed"
     assert len(backend.calls) == 1
+
+
+class _FlakyStore:
+    """The real local store, except that every call fails while ``down`` (an S3 outage)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.down = inner, False
+
+    def __getattr__(self, name):
+        attribute = getattr(self.inner, name)
+        if not asyncio.iscoroutinefunction(attribute):
+            return attribute
+
+        async def call(*args, **kwargs):
+            if self.down:
+                raise StorageUnavailableError("S3 at 127.0.0.1:9 is unreachable (test outage)")
+            return await attribute(*args, **kwargs)
+
+        return call
+
+
+def test_a_job_survives_a_storage_outage_during_its_run(client, app, backend, gate):
+    flaky = _FlakyStore(app.state.service.store)
+    app.state.service.store = app.state.job_store.store = flaky
+    job = submit(client)
+    for _ in range(100):
+        if backend.calls:
+            break
+        client.portal.call(asyncio.sleep, 0.02)
+    flaky.down = True  # the outputs cannot be stored, nor the record saved
+    gate()
+    client.portal.call(asyncio.sleep, 2.5)
+    flaky.down = False
+    drain(client)
+    final = client.get(f"{URL}/{job['id']}", headers=AUTH).json()
+    assert final["status"] == "completed" and len(final["images"]) == 1
