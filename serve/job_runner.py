@@ -10,6 +10,7 @@ unfinished jobs from their records: an accepted job is never silently lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -120,11 +121,9 @@ class JobRunner:
         """The record once the job is finished, or as it is after ``timeout_s``."""
         event = self._done.get(job_id)
         if event is not None:
-            try:
+            with contextlib.suppress(TimeoutError):  # not finished yet: the caller gets it as it is
                 async with asyncio.timeout(timeout_s):
                     await event.wait()
-            except TimeoutError:
-                pass
         return await self.jobs.load(tenant, job_id)
 
     async def resume(self) -> int:
