@@ -128,6 +128,15 @@ class Img2ImgUser(HttpUser):
             body["model"] = MODEL
         return body
 
+    def post_for_images(self, path: str, endpoint: str, key: str, **body) -> None:
+        """POST, then fail the sample unless it answered 200 with a non-empty list under ``key``."""
+        with self.client.post(
+            path, headers=self.headers, name=self.label(endpoint), catch_response=True, **body
+        ) as response:
+            payload = self.check(response, 200, want=key)
+            if payload is not None and not payload[key]:
+                response.failure("no images")
+
     def check(self, response, expected: int, *, want: str) -> dict | None:
         """Mark the response failed unless it has the expected status and a JSON body with ``want``."""
         if response.status_code != expected:
@@ -180,16 +189,7 @@ class NodeUser(Img2ImgUser):
         }
         if MODEL:
             body["model"] = MODEL
-        with self.client.post(
-            "/v1/nodes/image_to_image",
-            json=body,
-            headers=self.headers,
-            name=self.label("node"),
-            catch_response=True,
-        ) as response:
-            payload = self.check(response, 200, want="images")
-            if payload is not None and not payload["images"]:
-                response.failure("no images")
+        self.post_for_images("/v1/nodes/image_to_image", "node", "images", json=body)
 
 
 class AsyncUser(Img2ImgUser):
@@ -257,17 +257,7 @@ class OpenAIEditsUser(Img2ImgUser):
         if MODEL:
             form["model"] = MODEL
         files = {"image": ("source.png", self.rng.choice(self.images), "image/png")}
-        with self.client.post(
-            "/v1/images/edits",
-            data=form,
-            files=files,
-            headers=self.headers,
-            name=self.label("openai_edits"),
-            catch_response=True,
-        ) as response:
-            payload = self.check(response, 200, want="data")
-            if payload is not None and not payload["data"]:
-                response.failure("no images")
+        self.post_for_images("/v1/images/edits", "openai_edits", "data", data=form, files=files)
 
 
 class SelectedShape(LoadTestShape):

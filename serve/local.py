@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import os
@@ -95,11 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: shut down cleanly below
         while not stop:
             time.sleep(1)
-    except KeyboardInterrupt:
-        pass
     serve.shutdown()
     ray.shutdown()
     return 0

@@ -176,3 +176,17 @@ def download(client, url: str) -> bytes:
     response = client.get(url)
     assert response.status_code == 200, response.text
     return response.content
+
+
+def route_helpers(url: str):
+    """``post(client, payload, headers=AUTH)`` and ``ok(client, payload) -> json`` for one JSON route."""
+
+    def post(client, payload, headers=AUTH):
+        return client.post(url, json=payload, headers=headers)
+
+    def ok(client, payload) -> dict:
+        response = post(client, payload)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    return post, ok

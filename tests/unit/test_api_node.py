@@ -10,13 +10,13 @@ from inference.errors import GenerationError
 from serve.fetch import SourceFetchError
 from serve.storage import StorageUnavailableError
 from tests.unit.api_fakes import (
-    AUTH,
     MODEL_IDS,
     assert_error,
     data_url,
     decode,
     download,
     image_bytes,
+    route_helpers,
     seed_colour,
 )
 
@@ -28,14 +28,7 @@ def body(**overrides):
     return {"source_image": SOURCE, "prompt": "a red fox", "negative_prompt": "blurry", **overrides}
 
 
-def post(client, payload, headers=AUTH):
-    return client.post(URL, json=payload, headers=headers)
-
-
-def ok(client, payload) -> dict:
-    response = post(client, payload)
-    assert response.status_code == 200, response.text
-    return response.json()
+post, ok = route_helpers(URL)
 
 
 # ------------------------------------------------------------------ parameters: bounds and defaults

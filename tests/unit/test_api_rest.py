@@ -21,6 +21,7 @@ from tests.unit.api_fakes import (
     decode,
     download,
     image_bytes,
+    route_helpers,
     seed_colour,
 )
 
@@ -49,14 +50,7 @@ def body(**overrides):
     return {"image": SOURCE, "prompt": "a red fox in the snow", **overrides}
 
 
-def post(client, payload, headers=AUTH):
-    return client.post(URL, json=payload, headers=headers)
-
-
-def ok(client, payload) -> dict:
-    response = post(client, payload)
-    assert response.status_code == 200, response.text
-    return response.json()
+post, ok = route_helpers(URL)
 
 
 # ------------------------------------------------------------------ parameters: bounds and defaults
