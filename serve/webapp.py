@@ -7,10 +7,12 @@ the same app and fills ``app.state`` in its constructor.
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -35,10 +37,40 @@ def _dialect(request: Request):
     return next(d for prefix, d in DIALECTS if request.url.path.startswith(prefix))
 
 
+def _methods_for(request: Request) -> list[str]:
+    """Every documented method at this path (a job's GET and DELETE are separate routes, and
+    Starlette's 405 names only the first one it tried)."""
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if re.fullmatch(re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template)), request.url.path):
+            methods |= {method.upper() for method in operations}
+    return sorted(methods)
+
+
 def _render(request: Request, error: ApiError) -> JSONResponse:
     """The error in the envelope of the API the path belongs to (a dialect may bring its own)."""
     render = getattr(_dialect(request), "render", None)
     return render(error) if render is not None else error.response()
+
+
+def _openapi_without_422(app: FastAPI):
+    """FastAPI documents a 422 on every route with parameters; ours answer validation errors with a
+    400 in their API's envelope instead, so the document must not promise a shape we never send."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi
 
 
 def create_app(max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
@@ -49,6 +81,7 @@ def create_app(max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     )
     for module in (rest_v1, jobs, node, openai, system, usage):
         app.include_router(module.router)
+    app.openapi = _openapi_without_422(app)
 
     @app.middleware("http")
     async def record_metrics(request: Request, call_next):
@@ -103,7 +136,12 @@ def create_app(max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return _render(request, ApiError(error.status_code, code, str(error.detail)))
+        code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}.get(
+            error.status_code, "http_error"
+        )
+        headers = dict(error.headers or {})
+        if error.status_code == 405:  # Starlette names only the first matching route's methods
+            headers["Allow"] = ", ".join(_methods_for(request))
+        return _render(request, ApiError(error.status_code, code, str(error.detail), headers=headers))
 
     return app

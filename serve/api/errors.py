@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from inference.errors import InferenceError, InvalidInputError
 
@@ -52,6 +53,42 @@ class ApiError(Exception):
         if self.param is not None:
             body["param"] = self.param
         return JSONResponse({"error": body}, status_code=self.status, headers=self.headers or None)
+
+
+class ErrorBody(BaseModel):
+    """What went wrong: a stable machine-readable ``code`` and a sentence for people."""
+
+    code: str
+    message: str
+    details: str | None = None
+    param: str | None = None
+
+
+class ErrorEnvelope(BaseModel):
+    """The error body of the REST and node APIs."""
+
+    error: ErrorBody
+
+
+#: What each documented error status means, for the OpenAPI document.
+ERROR_STATUS_MEANINGS: Mapping[int, str] = {
+    400: "Invalid request: a parameter or the source image is unusable (`param` names it)",
+    401: "Missing or unknown API key",
+    403: "The key may not use this model or resource",
+    404: "No such resource (or not this tenant's)",
+    409: "Conflict: an idempotency key reused with another body, or a canceled job",
+    413: "Request body or source image too large",
+    429: "Rate limit or concurrency quota exceeded; honour Retry-After",
+    500: "Internal error (a bug); the body never carries a traceback",
+    503: "Overloaded, model not ready or storage unavailable; honour Retry-After",
+    504: "Generation did not finish within the request timeout",
+}
+
+
+def error_responses(envelope: type[BaseModel] = ErrorEnvelope, statuses=tuple(ERROR_STATUS_MEANINGS)) -> dict:
+    """``responses=`` for a router: every error status it may send, in its API's envelope, so the
+    OpenAPI document (and clients generated from it) knows the failure shapes as well as success."""
+    return {status: {"model": envelope, "description": ERROR_STATUS_MEANINGS[status]} for status in statuses}
 
 
 #: Seconds a client should wait before retrying, for transient server-side states.

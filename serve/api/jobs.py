@@ -14,10 +14,10 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from serve.api.deps import JobsDep, JobStoreDep, ServiceDep, TenantDep
-from serve.api.errors import ApiError
+from serve.api.errors import ApiError, error_responses
 from serve.api.job_views import job_object
 
-router = APIRouter(prefix="/v1/image-to-image", tags=["jobs"])
+router = APIRouter(prefix="/v1/image-to-image", tags=["jobs"], responses=error_responses())
 
 EVENTS_POLL_S = 0.5
 EVENTS_MAX_S = 900.0
@@ -46,7 +46,11 @@ async def cancel_job(
     return await job_object(record, service.store, service.url_expiry_s)
 
 
-@router.get("/{job_id}/events")
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "One event per job state change"}},
+)
 async def job_events(job_id: str, service: ServiceDep, tenant: TenantDep, job_store: JobStoreDep):
     """Server-sent events: the job object whenever its state or progress changes, until it is final."""
     await _load(job_store, tenant, job_id)

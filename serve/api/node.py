@@ -18,10 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from inference.errors import InferenceError, InvalidInputError
 from serve.api.deps import ServiceDep, TenantDep, explicit_choices
-from serve.api.errors import ApiError, validation_summary
+from serve.api.errors import ApiError, error_responses, validation_summary
 from serve.generation import GenerationJob
 
-router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
+router = APIRouter(prefix="/v1/nodes", tags=["nodes"], responses=error_responses())
 
 MAX_SIDE = 2048
 
@@ -32,7 +32,10 @@ class ImageToImageNodeInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source_image: str = Field(description="The image to use as the source (http(s) URL or data URL).")
-    prompt: str = Field(description="What you wish to see in the output image.")
+    prompt: str = Field(
+        description="What you wish to see in the output image.",
+        json_schema_extra={"minLength": 1, "pattern": r"\S"},  # documents the empty_prompt rule
+    )
     prompt_2: str | None = Field(None, description="A second prompt to guide the image generation.")
     negative_prompt: str = Field(description="What you do not wish to see in the output image.")
     guidance_scale: float = Field(7.5, gt=0, le=15)

@@ -29,17 +29,31 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Form, UploadFile
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
 from inference.errors import ImageTooLargeError, InferenceError, InvalidInputError
 from inference.images import MAX_IMAGE_HEIGHT, MAX_IMAGE_WIDTH
 from serve.api.deps import ServiceDep, TenantDep, explicit_choices
-from serve.api.errors import ApiError, validation_summary
+from serve.api.errors import ApiError, error_responses, validation_summary
 from serve.api.rest_v1 import MAX_PROMPT_CHARS
 from serve.generation import CompletedJob, GenerationJob, GenerationService
 
-router = APIRouter(prefix="/v1/images", tags=["openai"])
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorEnvelope(BaseModel):
+    """OpenAI's error body, so the ``openai`` client raises its typed errors from ours."""
+
+    error: OpenAIErrorBody
+
+
+router = APIRouter(prefix="/v1/images", tags=["openai"], responses=error_responses(OpenAIErrorEnvelope))
 
 _SIZE = re.compile(r"\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*")
 
@@ -59,10 +73,27 @@ def parse_size(size: str | None) -> tuple[int, int]:
     return width, height
 
 
-class ImageEditForm(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+#: An optional file part, documented as a plain binary string: an optional field is simply left out,
+#: and generators (schemathesis, client codegen) only recognise a file part in this spelling.
+FILE_PART = WithJsonSchema({"type": "string", "contentMediaType": "application/octet-stream"})
 
-    image: UploadFile | None = Field(None, description="The source image (PNG, JPEG or WEBP, at most 10 MB)")
+
+def _without_null_branches(schema: dict[str, Any]) -> None:
+    """A multipart field is either sent or left out; it cannot be JSON null. Document optional
+    fields by their real type only, or generated clients send the text 'null'."""
+    for name, prop in schema.get("properties", {}).items():
+        branches = [b for b in prop.get("anyOf", ()) if b != {"type": "null"}]
+        if "anyOf" in prop and len(branches) == 1:
+            rest = {k: v for k, v in prop.items() if k not in ("anyOf", "default")}
+            schema["properties"][name] = {**branches[0], **rest}
+
+
+class ImageEditForm(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_without_null_branches)
+
+    image: Annotated[UploadFile | None, FILE_PART] = Field(
+        None, description="The source image (PNG, JPEG or WEBP, at most 10 MB)"
+    )
     image_list: list[UploadFile] = Field(
         default_factory=list, alias="image[]", description="Alternative to image: exactly one file"
     )

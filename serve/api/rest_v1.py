@@ -19,14 +19,14 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_serializer,
 
 from inference.errors import InferenceError
 from serve.api.deps import JobsDep, JobStoreDep, ServiceDep, TenantDep, explicit_choices
-from serve.api.errors import STATUS_BY_CODE, ApiError, validation_summary
+from serve.api.errors import STATUS_BY_CODE, ApiError, error_responses, validation_summary
 from serve.api.job_views import completed_record, job_object, new_record
 from serve.generation import CompletedJob, GenerationJob
 from serve.jobs import JobState, fingerprint
 from serve.styles import STYLES, resolve_style
 from serve.webhooks import check_webhook_url
 
-router = APIRouter(prefix="/v1", tags=["image-to-image"])
+router = APIRouter(prefix="/v1", tags=["image-to-image"], responses=error_responses())
 
 MAX_PROMPT_CHARS = 2000
 SYNC_WAIT_S = 300.0  # an idempotent synchronous request waits this long, then answers 202

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from serve.api.deps import ServiceDep, TenantDep
-from serve.api.errors import ApiError
+from serve.api.errors import ApiError, error_responses
 from serve.storage import content_type_for
 
 router = APIRouter(tags=["system"])
@@ -20,7 +21,16 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    problems: dict[str, str]
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "A model has no running replica or storage fails"}},
+)
 async def readyz(service: ServiceDep) -> JSONResponse:
     """Ready when every model has a running replica and storage answers; otherwise says which part is not."""
     problems: dict[str, str] = {}
@@ -35,7 +45,7 @@ async def readyz(service: ServiceDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if not problems else 503)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=error_responses(statuses=(401, 500)))
 async def list_models(service: ServiceDep, _: TenantDep) -> dict[str, Any]:
     return {"data": [spec.describe() for spec in service.registry.specs]}
 

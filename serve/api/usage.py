@@ -6,13 +6,30 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BeforeValidator
 
 from serve.api.deps import TenantDep
-from serve.api.errors import ApiError
+from serve.api.errors import ApiError, error_responses
 
-router = APIRouter(prefix="/v1", tags=["usage"])
+router = APIRouter(prefix="/v1", tags=["usage"], responses=error_responses())
 
 MAX_RANGE = timedelta(days=31)
+
+
+def _iso_8601(value: Any) -> datetime:
+    """ISO 8601 text only: pydantic alone would also read '0.5' as seconds since 1970, which the
+    documented ``date-time`` format does not allow. A time without an offset is taken as UTC."""
+    if isinstance(value, datetime):
+        moment = value
+    else:
+        try:
+            moment = datetime.fromisoformat(str(value))
+        except ValueError:
+            raise ValueError("expected an ISO 8601 date-time such as 2026-11-21T08:00:00Z") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+IsoDateTime = Annotated[datetime, BeforeValidator(_iso_8601)]
 
 
 def get_usage(request: Request):
@@ -23,8 +40,8 @@ def get_usage(request: Request):
 async def usage(
     tenant: TenantDep,
     meter: Annotated[Any, Depends(get_usage)],
-    start: Annotated[datetime | None, Query(description="ISO 8601; default: 24 hours ago")] = None,
-    end: Annotated[datetime | None, Query(description="ISO 8601; default: now")] = None,
+    start: Annotated[IsoDateTime | None, Query(description="ISO 8601; default: 24 hours ago")] = None,
+    end: Annotated[IsoDateTime | None, Query(description="ISO 8601; default: now")] = None,
 ) -> dict[str, Any]:
     """Requests, images, denoising steps and compute seconds (share of batched UNet time)."""
     end = (end or datetime.now(UTC)).astimezone(UTC)
