@@ -2,104 +2,27 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import ipaddress
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
 
 import httpcore
 import pytest
-from PIL import Image
 
 from inference.errors import ImageTooLargeError
 from serve import fetch
 from serve.fetch import FetchPolicy, SourceFetchError, fetch_image, forbidden_reason
+from tests.support.hostile_http import PNG, HostileHandler, hostile_server
 
 pytestmark = pytest.mark.anyio
 
 LOOPBACK = ("127.0.0.1/32",)
 LIMIT = 64 * 1024
-BIG = 2 * 1024 * 1024  # what the hostile endpoints try to push: 32x the test limit
-
-
-def _png() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-PNG = _png()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    hosts: list[str] = []  # noqa: RUF012 - Host headers seen, for the DNS-pinning test
-
-    def log_message(self, *args):  # keep pytest output clean
-        pass
-
-    def _send(self, status: int, headers: dict[str, str], body: bytes = b"") -> None:
-        self.send_response(status)
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def handle(self):
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # client gave up on purpose
-            super().handle()
-
-    def do_GET(self):
-        _Handler.hosts.append(self.headers.get("Host", ""))
-        url = urlsplit(self.path)
-        self._route(url.path, parse_qs(url.query))
-
-    def _route(self, path: str, query: dict[str, list[str]]) -> None:
-        if path == "/png":
-            self._send(200, {"Content-Type": "image/png", "Content-Length": str(len(PNG))}, PNG)
-        elif path == "/redirect":
-            self._send(302, {"Location": query["to"][0], "Content-Length": "0"})
-        elif path.startswith("/chain/"):
-            left = int(path.rsplit("/", 1)[1])  # /chain/N answers after exactly N redirects
-            if left == 0:
-                return self._route("/png", query)
-            self._send(302, {"Location": f"/chain/{left - 1}", "Content-Length": "0"})
-        elif path == "/lying":  # claims 100 bytes, sends 2 MiB
-            self._send(200, {"Content-Length": "100"}, b"\0" * BIG)
-        elif path == "/chunked":
-            self._send(200, {"Transfer-Encoding": "chunked"})
-            for _ in range(BIG // 8192):
-                self.wfile.write(b"2000\r\n" + b"\0" * 8192 + b"\r\n")
-            self.wfile.write(b"0\r\n\r\n")
-        elif path == "/close":  # no Content-Length: the body ends when the connection closes
-            self.close_connection = True
-            self._send(200, {"Connection": "close"}, b"\0" * BIG)
-        elif path == "/biglength":
-            self.close_connection = True
-            self._send(200, {"Content-Length": str(10**9)})
-        elif path == "/drip":
-            self._send(200, {"Content-Length": "100"})
-            for _ in range(10):  # bounded: at most 5 s even if nobody hangs up
-                self.wfile.write(b"x")
-                self.wfile.flush()
-                time.sleep(0.5)
-        else:
-            self._send(404, {"Content-Length": "9"}, b"not found")
 
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads = True
-    httpd.block_on_close = False
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with hostile_server() as url:
+        yield url
 
 
 @pytest.fixture
@@ -230,10 +153,10 @@ async def test_any_forbidden_resolved_address_refuses(server, monkeypatch):
 async def test_connection_goes_to_the_validated_ip_with_hostname_kept(server, monkeypatch):
     # The system resolver knows nothing of img.test: success proves we dial the address we checked.
     fake_dns(monkeypatch, {"img.test": ["127.0.0.1"]})
-    _Handler.hosts.clear()
+    HostileHandler.hosts.clear()
     url = server.replace("127.0.0.1", "img.test") + "/png"
     assert await fetch_image(url, policy()) == PNG
-    assert _Handler.hosts == [url.split("/")[2]]
+    assert HostileHandler.hosts == [url.split("/")[2]]
 
 
 @pytest.mark.parametrize("target", ["http://127.0.0.2:{port}/png", "http://localhost:{port}/png"])

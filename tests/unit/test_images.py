@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -30,42 +28,23 @@ from inference.images import (
     prepare_source,
     to_rgb,
 )
+from tests.support.image_samples import (
+    animated,
+    bomb_png,
+    corrupt_jpeg,
+    corrupt_png,
+    encode,
+    exif_jpeg,
+    noise,
+    palette_image,
+    sixteen_bit,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def noise(width: int = 64, height: int = 48, mode: str = "RGB", seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    channels = len(Image.new(mode, (1, 1)).getbands())
-    shape = (height, width, channels) if channels > 1 else (height, width)
-    return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode)
-
-
-def encode(image: Image.Image, fmt: str, **params) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **params)
-    return buffer.getvalue()
-
-
 def data_url(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-def png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A 1-bit grayscale PNG whose header claims huge dimensions; the IDAT holds only the first rows.
-
-    A real all-black bomb of this size compresses to ~0.1% of its pixels too, but building it takes
-    seconds; the decoder must never get far enough to notice the missing rows.
-    """
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    rows = zlib.compress(bytes((1 + (width + 7) // 8) * 16), 9)
-    return (
-        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", rows) + png_chunk(b"IEND", b"")
-    )
 
 
 def pixel(source: SourceImage, xy: tuple[int, int] = (0, 0)) -> tuple[int, int, int]:
@@ -175,14 +154,9 @@ def test_jpeg_trailer_after_end_of_image_is_accepted():
 
 
 def test_corrupt_body_with_intact_framing_is_invalid_image():
-    png = bytearray(encode(noise(128, 128), "PNG"))
-    png[len(png) // 3 : len(png) // 3 + 200] = bytes(200)  # zlib stream broken, IEND still there
-    jpeg = bytearray(encode(noise(128, 128), "JPEG"))
-    table = jpeg.find(b"\xff\xc4")  # Huffman table: code counts that overflow are a fatal libjpeg error
-    jpeg[table + 5 : table + 21] = b"\xff" * 16
-    for data in (png, jpeg):
+    for data in (corrupt_png(), corrupt_jpeg()):
         with pytest.raises(InvalidImageError) as info:
-            load_source_image(bytes(data))
+            load_source_image(data)
         assert "could not be decoded" in info.value.message
 
 
@@ -285,14 +259,6 @@ def test_image_limits_validate():
 # --- orientation and modes ---------------------------------------------------------------------------
 
 
-def exif_jpeg(size: tuple[int, int], orientation: int) -> bytes:
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    image = Image.new("RGB", size, (0, 0, 255))
-    image.paste((255, 0, 0), (0, 0, 20, 20))  # marker in the top-left corner of the stored pixels
-    return encode(image, "JPEG", exif=exif.tobytes())
-
-
 def test_exif_orientation_is_applied():
     source = load_source_image(exif_jpeg((300, 100), 6))  # rotate 90 degrees clockwise to display
     assert source.size == (100, 300)
@@ -305,19 +271,6 @@ def test_dimension_limit_applies_to_oriented_image():
     with pytest.raises(ImageDimensionsError) as info:
         load_source_image(exif_jpeg((100, 800), 6), limits)
     assert "800x100" in info.value.message
-
-
-def palette_image(transparent: bool) -> Image.Image:
-    image = Image.new("P", (8, 8), 1)
-    image.putpalette([0, 0, 0, 255, 0, 0] + [0, 0, 0] * 254)
-    image.putpixel((0, 0), 0)
-    if transparent:
-        image.info["transparency"] = 0
-    return image
-
-
-def sixteen_bit(values: list[int]) -> Image.Image:
-    return Image.fromarray(np.array([values], dtype=np.uint16))
 
 
 MODE_CASES = {
@@ -370,10 +323,7 @@ def test_sixteen_bit_modes_scale_not_clip():
 
 @pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
 def test_animated_images_yield_first_frame(fmt):
-    frames = [Image.new("RGB", (16, 16), color) for color in [(255, 0, 0), (0, 255, 0), (0, 0, 255)]]
-    data = encode(
-        frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0, lossless=True
-    )
+    data = animated(fmt)
     with Image.open(io.BytesIO(data)) as check:
         assert getattr(check, "n_frames", 1) == 3
     source = load_source_image(data)
