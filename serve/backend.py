@@ -8,6 +8,7 @@ them to HTTP without knowing Ray.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -23,29 +24,48 @@ from serve.fetch import FetchPolicy
 from serve.generation import GenerationService, ProgressCallback
 from serve.jobs import JobRecord
 
+logger = logging.getLogger("serve.backend")
+
 
 class RayModelBackend:
-    """``ModelBackend`` over Ray Serve handles, one per model deployment."""
+    """``ModelBackend`` over Ray Serve handles, one per model deployment.
 
-    def __init__(self, handles: dict[str, DeploymentHandle], models: list[ModelDeployment], timeout_s: float):
+    A replica that dies mid-request (process crash, node lost) is not the caller's problem: the
+    request is sent again, once, to whichever replica Serve routes it to (the replacement, or a
+    sibling), within the same deadline. Generation is a pure function of the request (seeds
+    included), so the retry returns what the first attempt would have.
+    """
+
+    def __init__(
+        self,
+        handles: dict[str, DeploymentHandle],
+        models: list[ModelDeployment],
+        timeout_s: float,
+        replica_retries: int = 1,
+    ):
         self._handles = handles
         self._models = {m.spec["id"]: m for m in models}
         self._timeout_s = timeout_s
+        self._replica_retries = replica_retries
 
     async def generate(
         self, model_id: str, request: GenerationRequest, on_progress: ProgressCallback | None = None
     ) -> GenerationResult:
         try:
             async with asyncio.timeout(self._timeout_s):
-                if on_progress is None:
-                    return await self._handles[model_id].generate.remote(request)
-                stream = self._handles[model_id].options(stream=True).generate_stream.remote(request)
-                async for item in stream:
-                    if isinstance(item, Progress):
-                        await on_progress(item)
-                    else:
-                        return item
-                raise GenerationError("the model replica ended the stream without a result")
+                for attempt in range(self._replica_retries + 1):
+                    try:
+                        return await self._generate_once(model_id, request, on_progress)
+                    except RayActorError as error:
+                        if attempt == self._replica_retries:
+                            raise
+                        logger.warning(
+                            "model %s replica died during request %s; retrying (%s)",
+                            model_id,
+                            request.request_id,
+                            str(error)[:200],
+                        )
+                raise AssertionError("unreachable")  # the loop returns or raises
         except TimeoutError:
             raise GenerationTimeoutError(
                 f"generation did not finish within {self._timeout_s:.0f}s; the request was canceled"
@@ -58,6 +78,19 @@ class RayModelBackend:
             raise ModelUnavailableError(
                 f"model {model_id} replica is unavailable", details=str(error)[:300]
             ) from None
+
+    async def _generate_once(
+        self, model_id: str, request: GenerationRequest, on_progress: ProgressCallback | None
+    ) -> GenerationResult:
+        if on_progress is None:
+            return await self._handles[model_id].generate.remote(request)
+        stream = self._handles[model_id].options(stream=True).generate_stream.remote(request)
+        async for item in stream:
+            if isinstance(item, Progress):
+                await on_progress(item)
+            else:
+                return item
+        raise GenerationError("the model replica ended the stream without a result")
 
     async def readiness(self) -> dict[str, str | None]:
         cluster = ray.cluster_resources()

@@ -67,7 +67,7 @@ def job_from_fields(data: dict[str, Any]) -> GenerationJob:
 class JobRunner:
     service: GenerationService
     jobs: JobStore
-    webhook_secret: bytes | None = None
+    webhook_secret: bytes | None = field(default=None, repr=False)
     webhook_policy: WebhookPolicy = field(default_factory=WebhookPolicy)
     fetch_policy: FetchPolicy = field(default_factory=FetchPolicy)
     tenant_lookup: Callable[[str], Tenant | None] = lambda name: None
@@ -259,7 +259,7 @@ class JobRunner:
             await self.service.release(job_from_fields(record.job), done)
         except Exception as error:
             logger.warning("job %s: could not release its admission: %s", record.id, error)
-        if record.webhook is not None and not record.webhook.delivered:
+        if record.webhook is not None and record.webhook.status == "pending":
             await self._notify(record)
 
     async def _notify(self, record: JobRecord) -> None:
@@ -267,6 +267,7 @@ class JobRunner:
         secret = tenant.webhook_secret.encode() if tenant and tenant.webhook_secret else self.webhook_secret
         if secret is None:
             record.webhook.attempts.append({"error": "webhooks are not configured (IMG2IMG_WEBHOOK_SECRET)"})
+            record.webhook.status = "failed"
             await self.jobs.save(record)
             return
         from serve.api.job_views import job_object  # the same object GET returns
@@ -289,4 +290,11 @@ class JobRunner:
             )
         except GenerationError:
             logger.exception("webhook for job %s could not be delivered", record.id)
+        record.webhook.status = "delivered" if record.webhook.delivered else "failed"
+        if not record.webhook.delivered:
+            logger.warning(
+                "webhook for job %s failed after %d attempts; the job stays readable with GET",
+                record.id,
+                len(record.webhook.attempts),
+            )
         await self.jobs.save(record)

@@ -18,7 +18,7 @@ import enum
 import hashlib
 import json
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -45,7 +45,12 @@ class StoredOutput(BaseModel):
 
 
 class WebhookState(BaseModel):
+    """Delivery of the job's final state: ``pending`` until one attempt is acknowledged
+    (``delivered``) or every attempt failed (``failed``; the attempts say why, and the job itself
+    is still completed: a receiver being down never loses the result, which GET still returns)."""
+
     url: str
+    status: Literal["pending", "delivered", "failed"] = "pending"
     delivered: bool = False
     attempts: list[dict[str, Any]] = Field(default_factory=list)
 

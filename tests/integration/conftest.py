@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,34 @@ def stack(s3_server, tiny_model_dirs) -> Stack:
     yield Stack(f"http://127.0.0.1:{http_port}", api_key, f"127.0.0.1:{metrics_port}", s3_server, bucket)
     serve.shutdown()
     ray.shutdown()
+
+
+def wait_for(condition, timeout_s: float, interval_s: float = 0.5, message: str = "condition"):
+    """Poll ``condition`` until it returns something truthy (returned), or fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"{message} not met within {timeout_s}s")
+
+
+def wait_until_ready(stack: Stack, timeout_s: float = 120) -> None:
+    import httpx
+
+    ready = lambda: httpx.get(f"{stack.base_url}/readyz", timeout=10).status_code == 200  # noqa: E731
+    wait_for(ready, timeout_s, 1, "readiness")
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    """An authenticated HTTP client on the ready stack (per module: a module may kill replicas)."""
+    import httpx
+
+    wait_until_ready(stack)
+    with httpx.Client(base_url=stack.base_url, headers=stack.headers, timeout=120) as http:
+        yield http
 
 
 @pytest.fixture(scope="session")

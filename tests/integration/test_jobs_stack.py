@@ -7,21 +7,13 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
-import pytest
 
 from serve.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from tests.integration.conftest import WEBHOOK_SECRET
+from tests.integration.faults import kill_replicas
 from tests.integration.test_serve_stack import _data_url, _png, _wait_for
 
 URL = "/v1/image-to-image"
-
-
-@pytest.fixture(scope="module")
-def client(stack):
-    ready = lambda: httpx.get(f"{stack.base_url}/readyz", timeout=10).status_code == 200  # noqa: E731
-    _wait_for(ready, 120, 1, "readiness")
-    with httpx.Client(base_url=stack.base_url, headers=stack.headers, timeout=120) as http:
-        yield http
 
 
 def _body(**overrides):
@@ -107,13 +99,8 @@ def test_webhook_receiver_failing_twice_gets_one_signed_delivery_and_three_attem
 
 
 def test_a_job_survives_its_ingress_replica_being_killed(client, stack):
-    import ray
-
     job = _submit(client, steps=40, strength=1.0, num_images=2, prompt="survivor")
-    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#Ingress#" in a["name"]]
-    assert replicas, "no live ingress replica found"
-    for actor in replicas:  # the replica dies like a crashed process; Serve must replace it
-        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    kill_replicas("Ingress")
 
     def ingress_back():
         try:
@@ -126,15 +113,10 @@ def test_a_job_survives_its_ingress_replica_being_killed(client, stack):
 
 
 def test_a_job_whose_model_replica_dies_is_retried_on_the_replacement(client):
-    import ray
-
     job = _submit(client, steps=50, strength=1.0, num_images=4, prompt="phoenix")
     started = lambda: client.get(f"{URL}/{job['id']}").json()["progress"]["steps_done"] > 0  # noqa: E731
     _wait_for(started, 60, 0.2, "the job running")
-    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#model-tiny-sd#" in a["name"]]
-    assert replicas, "no live model replica found"
-    for actor in replicas:
-        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    kill_replicas("model-tiny-sd")
     final = _final(client, job["id"], 240)
     assert final["status"] == "completed", final.get("error")
     assert len(final["images"]) == 4

@@ -11,6 +11,8 @@ import openai
 import pytest
 from PIL import Image
 
+from tests.integration.conftest import wait_until_ready
+
 
 def _png(size=(64, 64), colour=(40, 120, 200)) -> bytes:
     buffer = io.BytesIO()
@@ -18,20 +20,9 @@ def _png(size=(64, 64), colour=(40, 120, 200)) -> bytes:
     return buffer.getvalue()
 
 
-def _wait_for(condition, timeout_s: float, interval_s: float = 1.0, message: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(interval_s)
-    raise AssertionError(f"{message} not met within {timeout_s}s")
-
-
 @pytest.fixture(scope="module")
 def client(stack) -> openai.OpenAI:
-    _wait_for(
-        lambda: httpx.get(f"{stack.base_url}/readyz", timeout=10).status_code == 200, 120, 1, "readiness"
-    )
+    wait_until_ready(stack)
     # No retries: a refusal must surface as the exception the client maps it to, at once.
     with openai.OpenAI(
         base_url=f"{stack.base_url}/v1", api_key=stack.api_key, max_retries=0, timeout=120

@@ -5,13 +5,14 @@ from __future__ import annotations
 import base64
 import io
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 from PIL import Image
+
+from tests.integration.conftest import wait_for as _wait_for
 
 
 def _png(size=(64, 64), colour=(200, 80, 40)) -> bytes:
@@ -22,25 +23,6 @@ def _png(size=(64, 64), colour=(200, 80, 40)) -> bytes:
 
 def _data_url(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
-
-
-def _wait_for(condition, timeout_s: float, interval_s: float = 0.5, message: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"{message} not met within {timeout_s}s")
-
-
-@pytest.fixture(scope="module")
-def client(stack):
-    _wait_for(
-        lambda: httpx.get(f"{stack.base_url}/readyz", timeout=10).status_code == 200, 120, 1, "readiness"
-    )
-    with httpx.Client(base_url=stack.base_url, headers=stack.headers, timeout=120) as http:
-        yield http
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,9 @@
 from __future__ import annotations
 
 import httpx
-import pytest
 
 from tests.integration.test_jobs_stack import URL, _body, _final
 from tests.integration.test_serve_stack import _wait_for
-
-
-@pytest.fixture(scope="module")
-def client(stack):
-    ready = lambda: httpx.get(f"{stack.base_url}/readyz", timeout=10).status_code == 200  # noqa: E731
-    _wait_for(ready, 120, 1, "readiness")
-    with httpx.Client(base_url=stack.base_url, headers=stack.headers, timeout=120) as http:
-        yield http
 
 
 def test_storage_outage_is_503_not_ready_and_accepted_jobs_complete_after_recovery(client, stack):

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from serve.auth import hash_key
-from tests.integration.conftest import LIMITED_KEY
+from tests.integration.conftest import LIMITED_KEY, wait_until_ready
 from tests.integration.test_serve_stack import _data_url, _png, _wait_for
 
 URL = "/v1/image-to-image"
@@ -16,9 +16,8 @@ URL = "/v1/image-to-image"
 
 @pytest.fixture(scope="module")
 def client(stack):
-    ready = lambda: httpx.get(f"{stack.base_url}/readyz", timeout=10).status_code == 200  # noqa: E731
-    _wait_for(ready, 120, 1, "readiness")
-    with httpx.Client(base_url=stack.base_url, timeout=120) as http:
+    wait_until_ready(stack)
+    with httpx.Client(base_url=stack.base_url, timeout=120) as http:  # no key: each test brings its own
         yield http
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -24,6 +22,7 @@ from tests.unit.api_fakes import (
     AUTH,
     TENANT,
     WEBHOOK_SECRET,
+    WebhookReceiver,
     assert_error,
     data_url,
     decode,
@@ -170,33 +169,10 @@ def test_events_stream_states_until_final(client):
     assert events[-1] == "completed"
 
 
-class _Receiver:
-    """A loopback webhook target that answers 500 to the first ``failures`` deliveries."""
-
-    def __init__(self, failures: int) -> None:
-        self.failures, self.received = failures, []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                raw = self.rfile.read(int(self.headers["Content-Length"]))
-                outer.received.append((dict(self.headers), raw))
-                status = 500 if len(outer.received) <= outer.failures else 200
-                self.send_response(status)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-
 def test_webhook_fails_twice_then_one_signed_delivery_with_three_attempts_recorded(client, app):
     loopback = FetchPolicy(allow_networks=("127.0.0.1/32",))
     app.state.service.fetch_policy = loopback
-    receiver = _Receiver(failures=2)
+    receiver = WebhookReceiver(failures=2)
     try:
         job = submit(client, headers=AUTH, webhook_url=receiver.url)
         drain(client)
@@ -211,6 +187,21 @@ def test_webhook_fails_twice_then_one_signed_delivery_with_three_attempts_record
     final = client.get(f"{URL}/{job['id']}", headers=AUTH).json()
     attempts = final["webhook"]["attempts"]
     assert [a["status_code"] for a in attempts] == [500, 500, 200] and final["webhook"]["delivered"] is True
+    assert final["webhook"]["status"] == "delivered"
+
+
+def test_a_webhook_target_that_stays_down_gets_every_attempt_then_a_failed_delivery(client, app):
+    app.state.service.fetch_policy = FetchPolicy(allow_networks=("127.0.0.1/32",))
+    receiver = WebhookReceiver(failures=10)
+    try:
+        job = submit(client, headers=AUTH, webhook_url=receiver.url)
+        drain(client)
+    finally:
+        receiver.server.shutdown()
+    final = client.get(f"{URL}/{job['id']}", headers=AUTH).json()
+    assert final["status"] == "completed" and final["images"]  # the result is never lost to a dead receiver
+    assert final["webhook"]["status"] == "failed" and final["webhook"]["delivered"] is False
+    assert [a["status_code"] for a in final["webhook"]["attempts"]] == [500, 500, 500]  # max_attempts=3
 
 
 def test_a_private_webhook_target_is_refused_at_submission(client):
