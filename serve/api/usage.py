@@ -18,7 +18,9 @@ MAX_RANGE = timedelta(days=31)
 
 def _iso_8601(value: Any) -> datetime:
     """ISO 8601 text only: pydantic alone would also read '0.5' as seconds since 1970, which the
-    documented ``date-time`` format does not allow. A time without an offset is taken as UTC."""
+    documented ``date-time`` format does not allow. A time without an offset is taken as UTC, and
+    years far outside any usage record are refused (found by the OpenAPI fuzzer: year 1 minus a day
+    overflowed into a 500)."""
     if isinstance(value, datetime):
         moment = value
     else:
@@ -26,7 +28,14 @@ def _iso_8601(value: Any) -> datetime:
             moment = datetime.fromisoformat(str(value))
         except ValueError:
             raise ValueError("expected an ISO 8601 date-time such as 2026-11-21T08:00:00Z") from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    moment = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    try:  # normalised here, so range arithmetic later cannot overflow at the calendar's ends
+        moment = moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("date-time out of range (years 1970 to 9998)") from None
+    if not 1970 <= moment.year <= 9998:
+        raise ValueError("date-time out of range (years 1970 to 9998)")
+    return moment
 
 
 IsoDateTime = Annotated[datetime, BeforeValidator(_iso_8601)]

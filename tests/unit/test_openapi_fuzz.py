@@ -15,69 +15,37 @@ so CI is reproducible; ``FUZZ_RANDOM=1`` explores new inputs on each run.
 
 from __future__ import annotations
 
-import base64
 import collections
-import os
 import tempfile
 from pathlib import Path
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
-from schemathesis import GenerationMode
 
-from tests.unit.api_fakes import AUTH, MODEL_IDS, build_app, image_bytes
+from tests.support.openapi_fuzz import EXCLUDED_CHECKS, authorise, fuzz_settings, with_real_image
+from tests.unit.api_fakes import AUTH, MODEL_IDS, build_app
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
-FUZZ_SETTINGS = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=os.environ.get("FUZZ_RANDOM") != "1",
-    suppress_health_check=list(HealthCheck),
-    database=None,
-)
-EXCLUDED = [schemathesis.checks.positive_data_acceptance]
-SOURCE_PNG = image_bytes(40, 32, "PNG")
-SOURCE_DATA_URL = "data:image/png;base64," + base64.b64encode(SOURCE_PNG).decode()
+FUZZ_SETTINGS = fuzz_settings(60)
 GENERATED: collections.Counter[str] = collections.Counter()
-IMAGE_FIELDS = ("image", "source_image")
 
 # One app for the module: schemathesis needs the ASGI app when the module is collected.
 APP = build_app(Path(tempfile.mkdtemp(prefix="openapi-fuzz-")))
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
 
-def _authorised(case) -> None:
-    case.headers = {**(case.headers or {}), **AUTH}
-
-
-def _with_real_image(case) -> bool:
-    """Put a decodable source image (and a served model) into a schema-valid body; False when there
-    is no image field. Every other fuzzed parameter stays as generated."""
-    body = case.body
-    if not isinstance(body, dict) or case.meta.generation.mode is not GenerationMode.POSITIVE:
-        return False
-    fields = [name for name in IMAGE_FIELDS if name in body]
-    for name in fields:
-        body[name] = SOURCE_PNG if case.media_type == "multipart/form-data" else SOURCE_DATA_URL
-    if isinstance(body.get("model"), str):
-        body["model"] = MODEL_IDS[len(body["model"]) % len(MODEL_IDS)]
-    return bool(fields)
-
-
 @schema.parametrize()
 @FUZZ_SETTINGS
 def test_every_endpoint_answers_within_its_schema(case):
-    _authorised(case)
-    case.call_and_validate(excluded_checks=EXCLUDED)
+    authorise(case, AUTH)
+    case.call_and_validate(excluded_checks=EXCLUDED_CHECKS)
 
 
 @schema.include(method="POST").parametrize()
 @FUZZ_SETTINGS
 def test_fuzzed_parameters_with_a_real_image_reach_generation_and_conform(case):
-    _authorised(case)
-    _with_real_image(case)
-    response = case.call_and_validate(excluded_checks=EXCLUDED)
+    authorise(case, AUTH)
+    with_real_image(case, MODEL_IDS)
+    response = case.call_and_validate(excluded_checks=EXCLUDED_CHECKS)
     assert response.status_code < 500
     if response.status_code == 200 and case.operation.path != "/v1/image-to-image":
         GENERATED[case.operation.path] += 1

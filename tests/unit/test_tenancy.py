@@ -97,6 +97,20 @@ def test_usage_is_metered_per_tenant(client, acme):
     )
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "end=0.5",  # a number is not an ISO 8601 date-time
+        "start=0001-01-01T00:00:00Z",  # the day before would overflow
+        "end=0001-01-01T00:30:00%2B01:00",  # converting to UTC would overflow
+        "start=9999-12-31T23:00:00Z",
+        "start=yesterday",
+    ],
+)
+def test_usage_times_outside_iso_8601_or_the_calendar_are_a_400_not_a_500(client, acme, query):
+    assert_error(client.get(f"/v1/usage?{query}", headers=HEADERS), 400, "invalid_parameter")
+
+
 def test_token_bucket_refills_over_time():
     now = [0.0]
     governor = TenantGovernor(clock=lambda: now[0])
