@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 
-def kill_replicas(deployment: str) -> list[str]:
+def _marker(deployment: str, app: str) -> str:
+    return f"{app}#{deployment}#"  # replica actors are named SERVE_REPLICA::<app>#<deployment>#<id>
+
+
+def kill_replicas(deployment: str, app: str = "img2img") -> list[str]:
     """Kill every live replica of ``deployment`` (no restart by Ray: Serve must notice and replace
     it, as after a crash or a lost node). Returns the killed actors' names."""
     import ray
 
-    marker = f"#{deployment}#"
+    marker = _marker(deployment, app)
     replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if marker in a["name"]]
     assert replicas, f"no live replica of {deployment} found"
     for actor in replicas:
@@ -16,8 +20,8 @@ def kill_replicas(deployment: str) -> list[str]:
     return [actor["name"] for actor in replicas]
 
 
-def live_replicas(deployment: str) -> list[str]:
+def live_replicas(deployment: str, app: str = "img2img") -> list[str]:
     import ray
 
-    marker = f"#{deployment}#"
+    marker = _marker(deployment, app)
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if marker in a["name"]]

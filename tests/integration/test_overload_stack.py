@@ -1,0 +1,66 @@
+"""Overload on the real stack: a burst far beyond capacity is refused fast and cleanly, then served again.
+
+A second application on the session's Ray cluster, deliberately tight (one model replica taking one
+request at a time, a queue of one per caller, one ingress replica), so a small burst overflows it
+cheaply. It has its own bucket: its job coordinator must not resume the main application's jobs.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.integration.conftest import _stack_args, wait_for
+from tests.integration.test_jobs_stack import URL, _body
+
+BURST = 10
+
+
+@pytest.fixture(scope="module")
+def tight(stack, tiny_model_dirs):
+    from ray import serve
+
+    from inference.models import Family
+    from serve.app import build_app
+
+    args = _stack_args(tiny_model_dirs[Family.SD], "integration-overload")
+    model = args["models"][0]
+    model.update({"max_ongoing_requests": 1, "max_queued_requests": 1, "engine": {"max_batch_samples": 1}})
+    args["ingress"] = {"scaling": {"min_replicas": 1, "max_replicas": 1}, "num_cpus": 0.1}
+    serve._run(build_app(args), name="tight", route_prefix="/tight", _blocking=False)
+    base = f"{stack.base_url}/tight"
+    ready = lambda: httpx.get(f"{base}/readyz", timeout=10).status_code == 200  # noqa: E731
+    try:
+        wait_for(ready, 180, 1, "the tight application ready")
+        with httpx.Client(base_url=base, headers=stack.headers, timeout=120) as http:
+            yield http
+    finally:
+        serve.delete("tight")
+
+
+def _timed(http: httpx.Client, body: dict) -> tuple[int, dict, dict, float]:
+    started = time.monotonic()
+    response = http.post(URL, json=body)
+    return response.status_code, response.json(), dict(response.headers), time.monotonic() - started
+
+
+def test_a_burst_beyond_capacity_gets_fast_503s_and_the_rest_is_served(tight):
+    bodies = [_body(steps=20, strength=1.0, seed=i) for i in range(BURST)]
+    with ThreadPoolExecutor(BURST) as pool:
+        results = list(pool.map(lambda body: _timed(tight, body), bodies))
+    statuses = sorted(status for status, *_ in results)
+    print(f"overload burst of {BURST}: statuses {statuses}")
+    assert set(statuses) <= {200, 503}, results
+    assert statuses.count(200) >= 1 and statuses.count(503) >= 1, statuses
+    for status, body, headers, elapsed in results:
+        if status == 503:  # refused at the door: no queueing, a hint when to come back
+            assert body["error"]["code"] == "overloaded", body
+            assert int(headers["retry-after"]) > 0
+            assert elapsed < 10, f"a refusal took {elapsed:.1f}s"
+        else:
+            assert body["status"] == "completed" and body["images"]
+    again = tight.post(URL, json=_body(steps=4))  # the burst is over: served again
+    assert again.status_code == 200, again.text
