@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup run demo test unit integration lint format bench clean
+.PHONY: setup run demo test audit unit integration lint format bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -17,10 +17,15 @@ run: setup
 demo: setup
 	$(PY) -m inference.demo --out out/demo
 
-test: setup
+test: setup audit
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest
+
+# pip check, the offline security floors (scripts/security_floors.toml) and pip-audit when a
+# vulnerability database answers; AUDIT_REQUIRE_ONLINE=1 also fails when none does.
+audit: setup
+	$(PY) scripts/audit_dependencies.py
 
 unit: setup
 	$(PY) -m pytest tests/unit

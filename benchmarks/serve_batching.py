@@ -379,8 +379,12 @@ def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.5):
 class LocalStack:
     """Ray + Serve + the app on loopback, with the engine cap switchable by re-running ``serve.run``."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, storage: dict[str, Any] | None = None) -> None:
+        """``args`` carries ``add_local_stack_arguments``'s options; ``storage`` replaces the config's
+        storage block (e.g. ``{"kind": "s3", "bucket": ...}``, secrets in the environment before
+        ``start``); without it outputs go to local storage in a temporary folder."""
         self.args = args
+        self.storage = storage
         self.http_port = free_port()
         self.metrics_port = free_port()
         self.base_url = f"http://127.0.0.1:{self.http_port}"
@@ -418,10 +422,13 @@ class LocalStack:
         if self.args.torch_threads:
             for entry in app_args["models"]:
                 entry["torch_threads"] = self.args.torch_threads
-        self._outputs = tempfile.TemporaryDirectory(prefix="serve-batching-outputs-")
-        app_args["storage"].update(
-            kind="local", local_root=self._outputs.name, public_base_url=self.base_url, url_expiry_s=600
-        )
+        if self.storage is None:
+            self._outputs = tempfile.TemporaryDirectory(prefix="serve-batching-outputs-")
+            app_args["storage"].update(
+                kind="local", local_root=self._outputs.name, public_base_url=self.base_url, url_expiry_s=600
+            )
+        else:
+            app_args["storage"].update(self.storage)
         self._app_args = app_args
         self.model_deployment = f"model-{model['spec']['id']}"
 
@@ -561,6 +568,19 @@ def report(phases: list[PhaseResult], args: argparse.Namespace) -> dict[str, Any
     return ratios
 
 
+def add_local_stack_arguments(group: argparse._ActionsContainer) -> None:
+    """The options ``LocalStack`` reads (shared with ``loadtests/soak.py``)."""
+    group.add_argument("--models-dir", type=Path, default=Path(".cache/models"))
+    group.add_argument("--config", type=Path, default=REPO_ROOT / "cluster/serve_config.local.yaml")
+    group.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
+    group.add_argument(
+        "--torch-threads",
+        type=int,
+        help="override the config's torch_threads per model replica (on a busy 2-core box, 2 threads "
+        "can make each step >10x slower than 1)",
+    )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent closed-loop clients")
@@ -572,16 +592,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seeds the request streams")
     parser.add_argument("--request-timeout", type=float, default=330.0)
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
-    local = parser.add_argument_group("own stack (default)")
-    local.add_argument("--models-dir", type=Path, default=Path(".cache/models"))
-    local.add_argument("--config", type=Path, default=REPO_ROOT / "cluster/serve_config.local.yaml")
-    local.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
-    local.add_argument(
-        "--torch-threads",
-        type=int,
-        help="override the config's torch_threads per model replica (on a busy 2-core box, 2 threads "
-        "can make each step >10x slower than 1)",
-    )
+    add_local_stack_arguments(parser.add_argument_group("own stack (default)"))
     remote = parser.add_argument_group("existing service (one phase, cap as deployed)")
     remote.add_argument("--url", help="base URL of a running service, e.g. http://127.0.0.1:8000")
     remote.add_argument("--api-key", default=os.environ.get("IMG2IMG_DEV_API_KEY"))

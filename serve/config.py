@@ -4,17 +4,24 @@
 source of truth that the local run, the Ray cluster and KubeRay's ``serveConfigV2`` share. Secrets
 and endpoints that differ per environment come from environment variables (``Secrets``), never
 from the YAML, and placeholder values are refused.
+
+Secrets never print: ``Secrets`` holds them as ``SecretStr`` (``repr``/``str`` show ``**********``),
+plain API keys are left out of its repr, and no config model echoes its input in a validation error
+(those errors travel to Serve's application status, controller logs and the RayService status, and a
+tenant's webhook secret or a plain key pasted where a hash belongs must not ride along). The error
+still names the field and the rule.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from inference.engine_config import EngineConfig
 from inference.models import ModelRegistry, ModelSpec
+from serve.cors import CorsPolicy
 from serve.storage import LocalObjectStore, S3ObjectStore
 from serve.tenants import Tenant, TenantDirectory
 
@@ -22,7 +29,7 @@ PLACEHOLDERS = {"changeme", "change-me", "changethis", "secret", "password", "pl
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class ReplicaScaling(_Strict):
@@ -137,6 +144,7 @@ class AppArgs(_Strict):
     storage: StorageArgs = StorageArgs()
     fetch: FetchArgs = FetchArgs()
     webhooks: WebhookArgs = WebhookArgs()
+    cors: CorsPolicy = CorsPolicy()
     tenants: list[Tenant] = Field(default_factory=list, description="tenants with hashed keys and limits")
     request_timeout_s: float = Field(300, gt=0, description="a request waiting longer gets 504")
     max_side: int = Field(2048, ge=64, le=4096)
@@ -153,30 +161,31 @@ class AppArgs(_Strict):
 class Secrets(BaseSettings):
     """Per-environment secrets and endpoints, read from ``IMG2IMG_*`` environment variables at start-up."""
 
-    model_config = SettingsConfigDict(env_prefix="IMG2IMG_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="IMG2IMG_", extra="ignore", hide_input_in_errors=True)
 
-    dev_api_key: str | None = Field(None, description="one key for the 'dev' tenant (local runs)")
-    api_keys: dict[str, str] = Field(default_factory=dict, description="JSON {key: tenant}")
-    url_signing_key: str | None = Field(None, description="HMAC key for local-store URLs")
-    webhook_secret: str | None = Field(None, description="HMAC key that signs webhook deliveries")
+    dev_api_key: SecretStr | None = Field(None, description="one key for the 'dev' tenant (local runs)")
+    api_keys: dict[str, str] = Field(default_factory=dict, repr=False, description="JSON {key: tenant}")
+    url_signing_key: SecretStr | None = Field(None, description="HMAC key for local-store URLs")
+    webhook_secret: SecretStr | None = Field(None, description="HMAC key that signs webhook deliveries")
     s3_endpoint: str | None = None
     s3_public_endpoint: str | None = None
     s3_access_key: str | None = None
-    s3_secret_key: str | None = None
+    s3_secret_key: SecretStr | None = None
     s3_secure: bool = True
     s3_region: str = "us-east-1"
 
     @field_validator("dev_api_key", "url_signing_key", "webhook_secret", "s3_secret_key")
     @classmethod
-    def _no_placeholder(cls, value: str | None) -> str | None:
-        if value is not None and (value.strip().lower() in PLACEHOLDERS or len(value.strip()) < 8):
+    def _no_placeholder(cls, value: SecretStr | None) -> SecretStr | None:
+        plain = value.get_secret_value().strip() if value is not None else None
+        if plain is not None and (plain.lower() in PLACEHOLDERS or len(plain) < 8):
             raise ValueError("is a placeholder or shorter than 8 characters: set a real secret")
         return value
 
     def keys(self, required: bool = True) -> dict[str, str]:
         keys = dict(self.api_keys)
         if self.dev_api_key:
-            keys[self.dev_api_key] = "dev"
+            keys[self.dev_api_key.get_secret_value()] = "dev"
         if not keys and required:
             raise ValueError(
                 "no API keys configured: set IMG2IMG_DEV_API_KEY, or IMG2IMG_API_KEYS to JSON {key: tenant}"
@@ -200,7 +209,7 @@ def build_store(args: AppArgs, secrets: Secrets):
         return S3ObjectStore(
             secrets.s3_endpoint,
             secrets.s3_access_key,
-            secrets.s3_secret_key,
+            secrets.s3_secret_key.get_secret_value(),
             storage.bucket,
             secure=secrets.s3_secure,
             region=secrets.s3_region,
@@ -208,4 +217,5 @@ def build_store(args: AppArgs, secrets: Secrets):
         )
     if not secrets.url_signing_key:
         raise ValueError("storage.kind is local: set IMG2IMG_URL_SIGNING_KEY (any random string of 8+ chars)")
-    return LocalObjectStore(storage.local_root, storage.public_base_url, secrets.url_signing_key.encode())
+    signing_key = secrets.url_signing_key.get_secret_value().encode()
+    return LocalObjectStore(storage.local_root, storage.public_base_url, signing_key)

@@ -17,6 +17,7 @@ from serve.config import AppArgs, Secrets, build_store, configured_tenants
 from serve.governor import Limits, TenantGovernor
 from serve.job_runner import JobRunner
 from serve.jobs import JobRecord, JobStore
+from serve.log_redaction import redact_library_logs
 from serve.tenants import TenantCatalog, TenantStore
 from serve.webhooks import WebhookPolicy
 
@@ -29,15 +30,19 @@ class JobCoordinator:
     def __init__(
         self, args: dict[str, Any], model_handles: dict[str, DeploymentHandle], governor: DeploymentHandle
     ) -> None:
+        redact_library_logs()  # webhook targets are callers' URLs, maybe with tokens in the query
         parsed = AppArgs.model_validate(args)
         secrets = Secrets()
         store = build_store(parsed, secrets)
         self._tenants = TenantCatalog(configured_tenants(parsed, secrets), TenantStore(store))
         service = build_service(parsed, secrets, model_handles, governor, self._tenants.lookup, store)
+        webhook_secret = (
+            secrets.webhook_secret.get_secret_value().encode() if secrets.webhook_secret else None
+        )
         self._runner = JobRunner(
             service,
             JobStore(service.store),
-            webhook_secret=secrets.webhook_secret.encode() if secrets.webhook_secret else None,
+            webhook_secret=webhook_secret,
             tenant_lookup=self._tenants.lookup,
             webhook_policy=WebhookPolicy(**parsed.webhooks.model_dump()),
             fetch_policy=service.fetch_policy,

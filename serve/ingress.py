@@ -48,12 +48,13 @@ class Ingress:
         self._jobs = RayJobs(coordinator)
         self._governor = RayGovernor(governor)
         self._bucket_ready = getattr(self._service.store, "ensure_bucket", None)
+        self._cors = parsed.cors
         logger.info(
             "ingress ready: models %s, storage %s", ", ".join(parsed.registry().ids), parsed.storage.kind
         )
 
     def __serve_build_asgi_app__(self):
-        app = create_app()
+        app = create_app(cors=self._cors)
         app.state.service = self._service
         app.state.jobs = self._jobs
         app.state.job_store = JobStore(self._service.store)

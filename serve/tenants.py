@@ -31,7 +31,11 @@ def new_key(tenant: str) -> str:
 
 
 class Tenant(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """One customer. Persisted as JSON (so ``webhook_secret`` stays a plain string), yet never printed:
+    the secret is left out of ``repr`` and validation errors do not echo inputs (a plain key pasted
+    into ``key_hashes`` would otherwise be quoted back into logs)."""
+
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     name: str
     key_hashes: list[str] = Field(default_factory=list, description="sha256 hex of each valid API key")
@@ -39,7 +43,9 @@ class Tenant(BaseModel):
     max_images_per_request: int = Field(8, ge=1, le=64)
     rate_limit_images_per_minute: float | None = Field(None, gt=0)
     concurrency_limit: int | None = Field(None, ge=1, description="requests in flight at once")
-    webhook_secret: str | None = Field(None, min_length=16, description="signs this tenant's webhooks")
+    webhook_secret: str | None = Field(
+        None, min_length=16, repr=False, description="signs this tenant's webhooks"
+    )
     retention_days: int = Field(30, ge=1, le=3650)
 
     @field_validator("name")

@@ -1,7 +1,11 @@
-"""The FastAPI application: API routers, body limits and the one exception → HTTP table.
+"""The FastAPI application: API routers, body limits, CORS and the one exception → HTTP table.
 
 Ray-free on purpose: unit tests build it with a fake model backend; the Ray Serve ingress mounts
 the same app and fills ``app.state`` in its constructor.
+
+The interactive docs pages (``/docs``, ``/redoc``) are off on purpose: they load scripts from a
+third-party CDN into pages served from the API's origin, and nothing needs them in production.
+``/openapi.json`` stays: it is the contract clients and tests generate from.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from inference.errors import InferenceError
 from serve.api import jobs, node, openai, rest_v1, system, usage
 from serve.api.errors import ApiError, api_error
+from serve.body_limit import BodyLimitMiddleware
+from serve.cors import CorsPolicy, add_cors
+from serve.log_redaction import redact_library_logs
 
 logger = logging.getLogger("serve.webapp")
 
@@ -73,15 +80,30 @@ def _openapi_without_422(app: FastAPI):
     return openapi
 
 
-def create_app(max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+#: Starlette's HTTP errors → our codes (a 413 is the body limit's refusal).
+HTTP_ERROR_CODES = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
+
+
+def create_app(max_body_bytes: int = MAX_BODY_BYTES, cors: CorsPolicy | None = None) -> FastAPI:
+    redact_library_logs()
     app = FastAPI(
         title="img2img service",
         version="1",
         description="Image-to-image diffusion with step-level batching. Authenticate with 'Bearer <key>'.",
+        docs_url=None,
+        redoc_url=None,
     )
     for module in (rest_v1, jobs, node, openai, system, usage):
         app.include_router(module.router)
     app.openapi = _openapi_without_422(app)
+    # Innermost, so its 413 is raised where FastAPI reads the body and renders in the API's envelope
+    # (an outer BaseHTTPMiddleware would wrap it in an exception group first).
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
 
     @app.middleware("http")
     async def record_metrics(request: Request, call_next):
@@ -96,14 +118,6 @@ def create_app(max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
             route = request.scope.get("route")
             if metrics is not None and route is not None:  # unmatched paths would explode label cardinality
                 metrics.request_done(route.path, status, time.perf_counter() - started)
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_body_bytes:
-            limit = f"{max_body_bytes // (1024 * 1024)} MB"
-            return _render(request, ApiError(413, "payload_too_large", f"request body exceeds {limit}"))
-        return await call_next(request)
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, error: ApiError) -> JSONResponse:
@@ -136,12 +150,11 @@ def create_app(max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}.get(
-            error.status_code, "http_error"
-        )
+        code = HTTP_ERROR_CODES.get(error.status_code, "http_error")
         headers = dict(error.headers or {})
         if error.status_code == 405:  # Starlette names only the first matching route's methods
             headers["Allow"] = ", ".join(_methods_for(request))
         return _render(request, ApiError(error.status_code, code, str(error.detail), headers=headers))
 
+    add_cors(app, cors)  # last: outermost
     return app

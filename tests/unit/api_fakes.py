@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import threading
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -92,14 +94,16 @@ class FakeBackend:
 
 
 WEBHOOK_SECRET = b"webhook-secret-for-tests"
+URL_SIGNING_KEY = b"0123456789abcdef0123"
 
 
-def build_app(tmp_path: Path, backend: FakeBackend | None = None) -> FastAPI:
-    app = create_app()
+def build_app(tmp_path: Path, backend: FakeBackend | None = None, **app_options: Any) -> FastAPI:
+    """The app with fakes in ``app.state``; ``app_options`` go to ``create_app`` (body limit, CORS)."""
+    app = create_app(**app_options)
     app.state.service = GenerationService(
         registry=ModelRegistry.from_config(MODEL_CONFIG),
         backend=backend or FakeBackend(),
-        store=LocalObjectStore(tmp_path / "store", BASE_URL, b"0123456789abcdef0123"),
+        store=LocalObjectStore(tmp_path / "store", BASE_URL, URL_SIGNING_KEY),
         fetch_policy=FetchPolicy(max_bytes=10 * 1024 * 1024),
     )
     catalog = TenantCatalog(
@@ -118,6 +122,35 @@ def build_app(tmp_path: Path, backend: FakeBackend | None = None) -> FastAPI:
         fetch_policy=FetchPolicy(allow_networks=("127.0.0.1/32",)),
     )
     return app
+
+
+class WebhookReceiver:
+    """A loopback webhook target that answers 500 to the first ``failures`` deliveries.
+
+    ``received`` holds ``(headers, raw body)`` of every delivery; call ``close()`` when done."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.failures, self.received = failures, []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.received.append((dict(self.headers), raw))
+                status = 500 if len(outer.received) <= outer.failures else 200
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def image_bytes(width: int = 64, height: int = 48, fmt: str = "PNG", colour=(120, 60, 200)) -> bytes:
