@@ -61,3 +61,13 @@ def spike_shape(elapsed: float, users: int, duration: float) -> tuple[int, float
 
 
 SHAPES = {"constant": constant_shape, "step": step_shape, "spike": spike_shape}
+
+
+#: Prompts the load generators draw from (locust users and the soak client alike).
+PROMPTS = (
+    "a lighthouse at dusk, oil painting",
+    "a red bicycle leaning on a brick wall",
+    "a snowy mountain village, watercolor",
+    "a bowl of fruit, still life",
+    "a city street at night in the rain",
+)

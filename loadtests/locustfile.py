@@ -35,18 +35,11 @@ from locust import stats as locust_stats
 from PIL import Image
 
 try:
-    from loadtests._shared import MAX_DURATION_S, SHAPES, parse_api_keys, parse_steps
+    from loadtests._shared import MAX_DURATION_S, PROMPTS, SHAPES, parse_api_keys, parse_steps
 except ImportError:  # `locust -f loadtests/locustfile.py` from a folder where `loadtests` is not importable
-    from _shared import MAX_DURATION_S, SHAPES, parse_api_keys, parse_steps
+    from _shared import MAX_DURATION_S, PROMPTS, SHAPES, parse_api_keys, parse_steps
 
 FINAL_STATES = {"completed", "failed", "canceled"}
-PROMPTS = (
-    "a lighthouse at dusk, oil painting",
-    "a red bicycle leaning on a brick wall",
-    "a snowy mountain village, watercolor",
-    "a bowl of fruit, still life",
-    "a city street at night in the rain",
-)
 
 # The runner reads the history CSV while the test runs: flush it often.
 locust_stats.CSV_STATS_FLUSH_INTERVAL_SEC = 2

@@ -18,16 +18,11 @@ from dataclasses import dataclass
 
 import httpx
 
+from loadtests._shared import PROMPTS
+
 ENDPOINTS = ("rest_sync", "async", "node", "openai")
 SIDES = (64, 96, 128)  # source and output sides: several latent sizes, all multiples of 8
 STEPS = (4, 12)
-PROMPTS = (
-    "a lighthouse at dusk, oil painting",
-    "a red bicycle leaning on a brick wall",
-    "a snowy mountain village, watercolor",
-    "a bowl of fruit, still life",
-    "a city street at night in the rain",
-)
 FINAL_STATES = {"completed", "failed", "canceled"}
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from cluster import multinode
 from serve.auth import hash_key
 from tests.support.s3server import SETUP_HINT, SeaweedS3Server, find_weed
 
@@ -118,13 +118,7 @@ def stack(s3_server, tiny_model_dirs) -> Stack:
 
 def wait_for(condition, timeout_s: float, interval_s: float = 0.5, message: str = "condition"):
     """Poll ``condition`` until it returns something truthy (returned), or fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"{message} not met within {timeout_s}s")
+    return multinode.wait_for(condition, timeout_s, message, interval_s)
 
 
 def wait_until_ready(stack: Stack, timeout_s: float = 120) -> None:
