@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -13,6 +14,7 @@ from serve.api.errors import ApiError, error_responses
 from serve.storage import content_type_for
 
 router = APIRouter(tags=["system"])
+logger = logging.getLogger("serve.readiness")
 
 
 @router.get("/healthz")
@@ -26,6 +28,18 @@ class Readiness(BaseModel):
     problems: dict[str, str]
 
 
+_last_storage_problem: list[str | None] = [None]
+
+
+def _log_storage_problem(problem: str | None) -> None:
+    if problem != _last_storage_problem[0]:
+        if problem is None:
+            logger.warning("readiness: storage is available again")
+        else:
+            logger.warning("readiness: storage unavailable: %s", problem)
+        _last_storage_problem[0] = problem
+
+
 @router.get(
     "/readyz",
     response_model=Readiness,
@@ -37,7 +51,12 @@ async def readyz(service: ServiceDep) -> JSONResponse:
     try:
         await service.store.check()
     except Exception as error:
-        problems["storage"] = str(error)
+        # /readyz needs no key and may face the internet: name the part, keep its endpoint and
+        # bucket (internal names) in the log, once per change rather than once per probe.
+        problems["storage"] = "object storage is unavailable (details in the ingress log)"
+        _log_storage_problem(str(error))
+    else:
+        _log_storage_problem(None)
     for model_id, reason in (await service.backend.readiness()).items():
         if reason is not None:
             problems[f"model:{model_id}"] = reason

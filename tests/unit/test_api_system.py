@@ -45,14 +45,25 @@ def test_readyz_names_models_that_are_not_ready(client, backend):
     }
 
 
-def test_readyz_names_storage(client, app, monkeypatch):
+def test_readyz_names_storage_and_logs_its_internal_details_once(client, app, monkeypatch, caplog):
     async def broken_check():
-        raise StorageUnavailableError("S3 bucket 'img' does not exist")
+        raise StorageUnavailableError("S3 bucket 'img' does not exist at http://minio.internal:9000")
 
     monkeypatch.setattr(app.state.service.store, "check", broken_check)
-    response = client.get("/readyz")
+    with caplog.at_level("WARNING", logger="serve.readiness"):
+        for _ in range(3):
+            response = client.get("/readyz")
     assert response.status_code == 503
-    assert response.json()["problems"] == {"storage": "S3 bucket 'img' does not exist"}
+    problem = response.json()["problems"]["storage"]
+    assert (
+        "unavailable" in problem and "minio.internal" not in response.text
+    )  # no internal host to the public
+    logged = [r.getMessage() for r in caplog.records if "minio.internal" in r.getMessage()]
+    assert len(logged) == 1  # once per change, not once per probe
+    monkeypatch.undo()
+    with caplog.at_level("WARNING", logger="serve.readiness"):
+        assert client.get("/readyz").status_code == 200
+    assert "available again" in caplog.records[-1].getMessage()
 
 
 # ------------------------------------------------------------------ listings
