@@ -169,15 +169,20 @@ def test_events_stream_states_until_final(client):
     assert events[-1] == "completed"
 
 
-def test_webhook_fails_twice_then_one_signed_delivery_with_three_attempts_recorded(client, app):
-    loopback = FetchPolicy(allow_networks=("127.0.0.1/32",))
-    app.state.service.fetch_policy = loopback
-    receiver = WebhookReceiver(failures=2)
+def _job_with_receiver(client, app, failures: int) -> tuple[dict, WebhookReceiver]:
+    """Run one job whose webhook target (on allow-listed loopback) answers 500 ``failures`` times."""
+    app.state.service.fetch_policy = FetchPolicy(allow_networks=("127.0.0.1/32",))
+    receiver = WebhookReceiver(failures=failures)
     try:
         job = submit(client, headers=AUTH, webhook_url=receiver.url)
         drain(client)
     finally:
         receiver.server.shutdown()
+    return job, receiver
+
+
+def test_webhook_fails_twice_then_one_signed_delivery_with_three_attempts_recorded(client, app):
+    job, receiver = _job_with_receiver(client, app, failures=2)
     assert len(receiver.received) == 3
     headers, raw = receiver.received[-1]
     assert verify(WEBHOOK_SECRET, headers[TIMESTAMP_HEADER], raw, headers[SIGNATURE_HEADER])
@@ -191,13 +196,7 @@ def test_webhook_fails_twice_then_one_signed_delivery_with_three_attempts_record
 
 
 def test_a_webhook_target_that_stays_down_gets_every_attempt_then_a_failed_delivery(client, app):
-    app.state.service.fetch_policy = FetchPolicy(allow_networks=("127.0.0.1/32",))
-    receiver = WebhookReceiver(failures=10)
-    try:
-        job = submit(client, headers=AUTH, webhook_url=receiver.url)
-        drain(client)
-    finally:
-        receiver.server.shutdown()
+    job, _ = _job_with_receiver(client, app, failures=10)
     final = client.get(f"{URL}/{job['id']}", headers=AUTH).json()
     assert final["status"] == "completed" and final["images"]  # the result is never lost to a dead receiver
     assert final["webhook"]["status"] == "failed" and final["webhook"]["delivered"] is False
