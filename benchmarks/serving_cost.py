@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import os
 import random
 import sys
 import time
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.serve_batching import (
     LocalStack,
     PhaseResult,
+    add_local_stack_arguments,
     measure,
     percentile,
     request_body,
@@ -112,11 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--cap", type=int, default=8, help="the engine's max_batch_samples on both sides")
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--torch-threads", type=int, default=1)
+    add_local_stack_arguments(parser)
+    parser.set_defaults(torch_threads=1)  # one thread per replica: this benchmark's measured setting
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--models-dir", type=Path, default=Path(".cache/models"))
-    parser.add_argument("--config", type=Path, default=Path("cluster/serve_config.local.yaml"))
-    parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--request-timeout", type=float, default=300.0)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--max-requests", type=int, default=5000)

@@ -29,6 +29,7 @@ from benchmarks.serve_batching import (
     APP_NAME,
     LocalStack,
     PhaseResult,
+    add_local_stack_arguments,
     percentile,
     run_load,
     source_images,
@@ -105,10 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=40.0, help="seconds per phase")
     parser.add_argument("--quiet-clients", type=int, default=1)
     parser.add_argument("--noisy-factor", type=int, default=10)
-    parser.add_argument("--config", type=Path, default=Path("cluster/serve_config.local.yaml"))
-    parser.add_argument("--models-dir", type=Path, default=Path(".cache/models"))
-    parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--torch-threads", type=int, default=1)
+    add_local_stack_arguments(parser)
+    parser.set_defaults(torch_threads=1)  # one thread per replica: this benchmark's measured setting
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--request-timeout", type=float, default=300.0)
     parser.add_argument("--seed", type=int, default=0)
