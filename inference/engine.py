@@ -22,11 +22,13 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 
-from inference.engine_config import EngineConfig
+from inference.engine_config import EngineConfig, OptimizeConfig
 from inference.errors import GenerationError, InferenceError, InvalidInputError, RequestCancelledError
 from inference.exact import install_row_chunking, row_groups
 from inference.families import ADAPTERS, Conditioning, strength_timesteps
+from inference.memory import BucketCaps, is_out_of_memory, release_cached_memory
 from inference.models import Family
 from inference.schedulers import vectorised_step
 from inference.types import GenerationRequest, GenerationResult, Progress
@@ -43,6 +45,9 @@ class StepStats:
     finished: int
     unet_s: float
     step_s: float
+    unet_calls: int = 1
+    padded_rows: int = 0
+    oom_splits: int = 0
 
 
 @dataclass(frozen=True)
@@ -102,11 +107,21 @@ class StepBatchingEngine:
     """Continuous batching over one loaded diffusers pipeline (one model per engine)."""
 
     def __init__(
-        self, pipe, family: Family | str, config: EngineConfig | None = None, *, output_type: str = "pil"
+        self,
+        pipe,
+        family: Family | str,
+        config: EngineConfig | None = None,
+        *,
+        optimize: OptimizeConfig | None = None,
+        output_type: str = "pil",
     ) -> None:
         """``output_type="np"`` returns float arrays in [0, 1] instead of PIL images: tests compare
-        those against the stock pipeline bit for bit, before 8-bit quantisation hides differences."""
+        those against the stock pipeline bit for bit, before 8-bit quantisation hides differences.
+        ``optimize`` brings the row buckets that UNet calls are padded to (see ``OptimizeConfig``)."""
         self._pipe = pipe
+        self._optimize = optimize or OptimizeConfig()
+        self._caps = BucketCaps()
+        self._step_report = {"calls": 0, "padded_rows": 0, "oom_splits": 0}
         self._output_type = output_type
         self._family = Family(family)
         self._adapter = ADAPTERS[self._family]
@@ -178,6 +193,7 @@ class StepBatchingEngine:
         if bucket is None:
             return outcomes, None
         samples = self._active[bucket]
+        self._step_report = {"calls": 0, "padded_rows": 0, "oom_splits": 0}
         unet_started = time.perf_counter()
         with torch.inference_mode():
             self._denoise(samples, outcomes)
@@ -196,8 +212,49 @@ class StepBatchingEngine:
             finished=len(finished),
             unet_s=unet_s,
             step_s=time.perf_counter() - started,
+            unet_calls=self._step_report["calls"],
+            padded_rows=self._step_report["padded_rows"],
+            oom_splits=self._step_report["oom_splits"],
         )
         return outcomes, stats
+
+    def effective_caps(self) -> dict[tuple[int, int], int]:
+        """Buckets whose sample cap an out-of-memory error lowered, with the cap in force now."""
+        return self._caps.snapshot()
+
+    def warm_up(self, on_progress=None) -> int:
+        """Run every (row bucket, warm-up size) UNet shape once, before any request; returns the count.
+
+        With a compiled UNet this is where each shape compiles, so no request pays for it. The
+        warm-up goes through the real admission and denoising code with throwaway one-row samples
+        (guidance off), so inputs have exactly the dtypes and layouts that requests will bring.
+        ``on_progress(done, total)`` is called after each shape.
+        """
+        sizes, buckets = self._optimize.warmup_sizes, self._optimize.row_buckets or ()
+        total, done = len(sizes) * len(buckets), 0
+        for height, width in sizes:
+            request = GenerationRequest(
+                request_id=f"warm-up-{height}x{width}",
+                model="warm-up",
+                prompt="warm-up",
+                image=Image.new("RGB", (width, height), (127, 127, 127)),
+                seed=0,
+                strength=1.0,
+                steps=2,
+                guidance_scale=1.0,
+                image_guidance_scale=1.0,
+            )
+            state = _RequestState(request, time.monotonic(), -1, deque())
+            with torch.inference_mode():
+                failures = self._condition_states([state])
+                if failures:
+                    raise failures[0][1]
+                for rows in buckets:
+                    self._denoise_batch([self._new_sample(state, 0) for _ in range(rows)])
+                    done += 1
+                    if on_progress is not None:
+                        on_progress(done, total)
+        return done
 
     @staticmethod
     def _attribute(samples: list[_Sample], seconds: float) -> None:
@@ -259,7 +316,9 @@ class StepBatchingEngine:
             if not samples:
                 del self._active[state.bucket]
 
-    def _next_candidate(self, blocked: set[tuple[int, int]]) -> _RequestState | None:
+    def _next_candidate(
+        self, blocked: set[tuple[int, int]], taken: dict[int, int]
+    ) -> _RequestState | None:
         """The request whose next sample is admitted next.
 
         ``fifo``: the oldest waiting request. ``fair``: the oldest waiting request of the tenant that
@@ -267,17 +326,30 @@ class StepBatchingEngine:
         backlog cannot starve one that just arrived. A request never overtakes an older one of the
         same bucket that did not fit (``blocked``), which keeps order within a bucket.
         """
-        candidates = [state for state in self._pending if state.bucket not in blocked]
+        candidates = [
+            state
+            for state in self._pending
+            if state.bucket not in blocked and len(state.waiting) > taken.get(id(state), 0)
+        ]
         if not candidates:
             return None
         if self.config.admission == "fifo":
             return candidates[0]
         return min(candidates, key=lambda st: (self._served.get(st.request.tenant, 0.0), st.order))
 
-    def _charge(self, sample: _Sample) -> None:
-        area = (sample.state.bucket[0] // self._vae_scale) * (sample.state.bucket[1] // self._vae_scale)
-        tenant = sample.state.request.tenant
-        self._served[tenant] = self._served.get(tenant, 0.0) + sample.rows * area * len(sample.timesteps)
+    def _charge(self, state: _RequestState, rows: int) -> None:
+        area = (state.bucket[0] // self._vae_scale) * (state.bucket[1] // self._vae_scale)
+        tenant = state.request.tenant
+        self._served[tenant] = self._served.get(tenant, 0.0) + rows * area * self._sample_steps(state.request)
+
+    def _sample_steps(self, request: GenerationRequest) -> int:
+        """UNet steps one sample of ``request`` will take (``strength_timesteps`` without a scheduler)."""
+        template = self._schedule_template(request.steps)
+        if not self._adapter.uses_strength:
+            return len(template.timesteps)
+        init = max(min(int(request.steps * request.strength), request.steps), 1)
+        start = max(request.steps - init, 0) * template.order
+        return len(template.timesteps) - start
 
     def _start_account(self, tenant: str) -> None:
         """A tenant that (re)appears starts level with the least-served busy tenant: idling is no credit."""
@@ -285,58 +357,133 @@ class StepBatchingEngine:
         floor = min((self._served.get(t, 0.0) for t in busy), default=0.0)
         self._served[tenant] = max(self._served.get(tenant, 0.0), floor)
 
-    def _fits(self, bucket: tuple[int, int], rows: int) -> bool:
+    def _bucket_cap(self, bucket: tuple[int, int]) -> int:
+        """Samples one UNet call of ``bucket`` may take: the configured cap, or lower after an OOM."""
+        lowered = self._caps.cap(bucket)
+        cap = self.config.max_batch_samples
+        return cap if lowered is None else min(cap, lowered)
+
+    def _fits(self, bucket: tuple[int, int], rows: int, planned: tuple[int, int] = (0, 0)) -> bool:
+        """Whether a sample of ``rows`` rows joins ``bucket``, counting ``planned`` (samples, rows)
+        already chosen in this admission round."""
         samples = self._active.get(bucket, [])
-        if len(samples) >= self.config.max_batch_samples:
+        count = len(samples) + planned[0]
+        used_rows = sum(s.rows for s in samples) + planned[1]
+        if count >= self.config.max_batch_samples:
+            return False
+        if not count:
+            return True  # a lone sample is always admitted, or an oversized request would wait forever
+        max_rows = self._optimize.max_rows
+        if max_rows is not None and used_rows + rows > max_rows:
             return False
         if self.config.max_batch_row_area is None:
             return True
         area = (bucket[0] // self._vae_scale) * (bucket[1] // self._vae_scale)
-        used = sum(s.rows for s in samples) * area
-        # A lone sample is always admitted, or an oversized request would wait forever.
-        return not samples or used + rows * area <= self.config.max_batch_row_area
+        return (used_rows + rows) * area <= self.config.max_batch_row_area
 
     def _admit(self, outcomes: list[Outcome]) -> int:
+        """Admit waiting samples in three phases: choose who fits (by policy, without touching the
+        model), condition every newly chosen request at once (one VAE encode per image size), then
+        start the chosen samples."""
+        plan = self._plan_admissions()
+        fresh = list({id(st): st for st in plan if st.conditioning is None}.values())
+        for state, error in self._condition_states(fresh) if fresh else ():
+            self._fail(state, error, outcomes)
         admitted = 0
-        blocked: set[tuple[int, int]] = set()
-        while (state := self._next_candidate(blocked)) is not None:
+        for state in plan:
+            if state.failed is not None or state.request.request_id not in self._requests:
+                continue
             try:
                 with torch.inference_mode():
-                    if state.conditioning is None:
-                        self._condition(state)
-                    if not self._fits(state.bucket, state.conditioning.rows):
-                        blocked.add(state.bucket)
-                        continue
-                    self._charge(self._start_sample(state, state.waiting.popleft()))
-                    admitted += 1
-            except InferenceError as error:
-                self._fail(state, error, outcomes)
-                continue
+                    self._start_sample(state, state.waiting.popleft())
+                admitted += 1
             except Exception as error:
-                self._fail(
-                    state, GenerationError("could not start generation", details=repr(error)), outcomes
-                )
+                self._fail(state, _admission_error(error), outcomes)
                 continue
-            if not state.waiting:
+            if not state.waiting and state in self._pending:
                 self._pending.remove(state)
         return admitted
 
-    def _condition(self, state: _RequestState) -> None:
-        """Per-request work, done once: prompt encoding, image preprocessing, VAE encode."""
-        pipe = self._pipe
-        image = pipe.image_processor.preprocess(state.request.image)
-        state.conditioning = self._adapter.condition(pipe, state.request, image)
-        state.admitted_at = time.monotonic()
+    def _plan_admissions(self) -> list[_RequestState]:
+        """The samples to admit this step, one entry per sample, in admission order."""
+        plan: list[_RequestState] = []
+        taken: dict[int, int] = {}
+        planned: dict[tuple[int, int], tuple[int, int]] = {}
+        blocked: set[tuple[int, int]] = set()
+        while (state := self._next_candidate(blocked, taken)) is not None:
+            rows, bucket = self._rows(state), state.bucket
+            if not self._fits(bucket, rows, planned.get(bucket, (0, 0))):
+                blocked.add(bucket)
+                continue
+            count, used = planned.get(bucket, (0, 0))
+            planned[bucket] = (count + 1, used + rows)
+            taken[id(state)] = taken.get(id(state), 0) + 1
+            self._charge(state, rows)
+            plan.append(state)
+        return plan
 
-    def _schedule(self, steps: int):
+    def _rows(self, state: _RequestState) -> int:
+        if state.conditioning is not None:
+            return state.conditioning.rows
+        return self._adapter.rows(self._pipe, state.request)
+
+    def _condition_states(self, states: list[_RequestState]) -> list[tuple[_RequestState, InferenceError]]:
+        """Per-request work, done once: prompt encoding per request, then ONE VAE encode for all the
+        images of a size (exact mode: one per request, as stock does). A request whose conditioning
+        fails is returned with its error; the others are unaffected."""
+        failures: list[tuple[_RequestState, InferenceError]] = []
+        groups: dict[object, list] = {}
+        with torch.inference_mode():
+            for state in states:
+                try:
+                    image = self._pipe.image_processor.preprocess(state.request.image)
+                    entry = (state, self._adapter.encode_prompt(self._pipe, state.request), image)
+                except Exception as error:
+                    failures.append((state, _admission_error(error)))
+                    continue
+                key = id(state) if self._is_exact_request(state) else state.bucket
+                groups.setdefault(key, []).append(entry)
+            for group in groups.values():
+                failures += self._encode_images(group)
+        return failures
+
+    def _encode_images(self, group: list) -> list[tuple[_RequestState, InferenceError]]:
+        try:
+            conds = [cond for _, cond, _ in group]
+            self._adapter.encode_images(self._pipe, conds, torch.cat([image for *_, image in group]))
+        except Exception as error:
+            if len(group) == 1:
+                return [(group[0][0], _admission_error(error))]
+            failures = []
+            for entry in group:  # isolate the request that broke the shared encode
+                failures += self._encode_images([entry])
+            return failures
+        now = time.monotonic()
+        for state, cond, _ in group:
+            state.conditioning = cond
+            state.admitted_at = now
+        return []
+
+    def _schedule_template(self, steps: int):
         template = self._schedule_cache.get(steps)
         if template is None:
             template = copy.deepcopy(self._pipe.scheduler)
             template.set_timesteps(steps, device=self._pipe.device)
             self._schedule_cache[steps] = template
-        return copy.deepcopy(template)
+        return template
+
+    def _schedule(self, steps: int):
+        return copy.deepcopy(self._schedule_template(steps))
 
     def _start_sample(self, state: _RequestState, index: int) -> _Sample:
+        sample = self._new_sample(state, index)
+        self._active.setdefault(state.bucket, []).append(sample)
+        state.active_samples += 1
+        state.steps_total += len(sample.timesteps)
+        return sample
+
+    def _new_sample(self, state: _RequestState, index: int) -> _Sample:
+        """A sample of ``state`` at its first timestep: its own scheduler, generator and latents."""
         request = state.request
         scheduler = self._schedule(request.steps)
         if self._adapter.uses_strength:
@@ -347,11 +494,7 @@ class StepBatchingEngine:
             timesteps = scheduler.timesteps
         generator = torch.Generator(device="cpu").manual_seed(request.seeds[index])
         latents = self._adapter.start_latents(self._pipe, state.conditioning, scheduler, timesteps, generator)
-        sample = _Sample(state, index, generator, scheduler, timesteps, latents)
-        self._active.setdefault(state.bucket, []).append(sample)
-        state.active_samples += 1
-        state.steps_total += len(timesteps)
-        return sample
+        return _Sample(state, index, generator, scheduler, timesteps, latents)
 
     def _next_bucket(self) -> tuple[int, int] | None:
         """Round-robin over latent-size buckets: the one served longest ago goes next."""
@@ -362,7 +505,10 @@ class StepBatchingEngine:
     # ---- one denoising step ----------------------------------------------------------------------
 
     def _is_exact(self, sample: _Sample) -> bool:
-        return self.config.exact or sample.state.request.exact
+        return self._is_exact_request(sample.state)
+
+    def _is_exact_request(self, state: _RequestState) -> bool:
+        return self.config.exact or state.request.exact
 
     def _unet_calls(self, samples: list[_Sample]) -> list[list[_Sample]]:
         """How the bucket's samples are split into UNet calls: one call, except in exact mode.
@@ -373,20 +519,47 @@ class StepBatchingEngine:
         """
         alone = [s for s in samples if s.rows == 1 and self._is_exact(s)]
         shared = [s for s in samples if not (s.rows == 1 and self._is_exact(s))]
-        return [[s] for s in alone] + ([shared] if shared else [])
+        cap = self._bucket_cap(samples[0].state.bucket) if samples else 1
+        chunks = [shared[i : i + cap] for i in range(0, len(shared), cap)]  # a lowered cap after an OOM
+        return [[s] for s in alone] + chunks
 
     def _denoise(self, samples: list[_Sample], outcomes: list[Outcome]) -> None:
         for group in self._unet_calls(samples):
+            self._denoise_group(group, outcomes)
+
+    def _denoise_group(self, group: list[_Sample], outcomes: list[Outcome]) -> None:
+        """One UNet call; on out-of-memory split it in halves (and lower the bucket's cap), on any
+        other error retry each sample alone so only the one that breaks fails."""
+        try:
+            self._denoise_batch(group)
+            return
+        except Exception as error:
+            if not is_out_of_memory(error):
+                self._denoise_alone(group, outcomes)
+                return
+        release_cached_memory()
+        self._step_report["oom_splits"] += 1
+        if len(group) == 1:
+            self._fail(group[0].state, _out_of_memory(group[0].state), outcomes)
+            return
+        self._caps.lower(group[0].state.bucket, len(group))
+        half = len(group) // 2
+        self._denoise_group(group[:half], outcomes)
+        self._denoise_group(group[half:], outcomes)
+
+    def _denoise_alone(self, group: list[_Sample], outcomes: list[Outcome]) -> None:
+        for sample in group:
+            if sample.state.failed is not None:
+                continue
             try:
-                self._denoise_batch(group)
-            except Exception:
-                for sample in group:
-                    try:
-                        self._denoise_batch([sample])
-                    except Exception as error:
-                        self._fail(
-                            sample.state, GenerationError("denoising failed", details=repr(error)), outcomes
-                        )
+                self._denoise_batch([sample])
+            except Exception as error:
+                failure = (
+                    _out_of_memory(sample.state)
+                    if is_out_of_memory(error)
+                    else GenerationError("denoising failed", details=repr(error))
+                )
+                self._fail(sample.state, failure, outcomes)
 
     def _denoise_batch(self, samples: list[_Sample]) -> None:
         model_input, timesteps, hidden, added = [], [], [], {}
@@ -400,7 +573,12 @@ class StepBatchingEngine:
             for key, value in (cond.added_cond or {}).items():
                 added.setdefault(key, []).append(value)
         exact = any(self._is_exact(s) for s in samples)
-        with row_groups([s.rows for s in samples] if exact else None):
+        groups = [s.rows for s in samples]
+        padding = 0 if exact else self._optimize.padded_rows(sum(groups)) - sum(groups)
+        if padding:  # repeat the last row up to the bucket; its outputs are dropped below
+            for parts in (model_input, timesteps, hidden, *added.values()):
+                parts.append(parts[-1][-1:].expand(padding, *parts[-1].shape[1:]))
+        with row_groups(groups if exact else None):
             noise_pred = self._pipe.unet(
                 torch.cat(model_input),
                 torch.cat(timesteps),
@@ -408,10 +586,15 @@ class StepBatchingEngine:
                 added_cond_kwargs={k: torch.cat(v) for k, v in added.items()} or None,
                 return_dict=False,
             )[0]
+        noise_pred = noise_pred[: sum(groups)]
+        self._step_report["calls"] += 1
+        self._step_report["padded_rows"] += padding
         guided = []
-        for sample, rows in zip(samples, torch.split(noise_pred, [s.rows for s in samples]), strict=True):
+        for sample, rows in zip(samples, torch.split(noise_pred, groups), strict=True):
             guided.append(self._adapter.guide(sample.state.conditioning, rows))
-        if not (self.config.vectorise and vectorised_step(samples, guided)):
+        # Exact mode steps each sample with its own scheduler: the stock step's own arithmetic, which
+        # the vectorised step equals bit for bit only in float32 (see inference.schedulers).
+        if exact or not (self.config.vectorise and vectorised_step(samples, guided)):
             for sample, eps in zip(samples, guided, strict=True):
                 sample.latents = sample.scheduler.step(
                     eps, sample.timestep, sample.latents, **self._step_kwargs(sample), return_dict=False
@@ -438,19 +621,32 @@ class StepBatchingEngine:
         batched = [s for s in finished if s not in exact]
         groups = [[s] for s in exact] + ([batched] if batched else [])
         for group in groups:
-            try:
-                pixels = self._adapter.decode(self._pipe, torch.cat([s.latents for s in group]))
-                images = self._pipe.image_processor.postprocess(
-                    pixels, output_type=self._output_type, do_denormalize=[True] * len(group)
+            self._decode_group(group, outcomes)
+
+    def _decode_group(self, group: list[_Sample], outcomes: list[Outcome]) -> None:
+        """Decode finished samples in one VAE call; an out-of-memory error splits the call in halves."""
+        try:
+            pixels = self._adapter.decode(self._pipe, torch.cat([s.latents for s in group]))
+            images = self._pipe.image_processor.postprocess(
+                pixels, output_type=self._output_type, do_denormalize=[True] * len(group)
+            )
+        except Exception as error:
+            if is_out_of_memory(error) and len(group) > 1:
+                release_cached_memory()
+                half = len(group) // 2
+                self._decode_group(group[:half], outcomes)
+                self._decode_group(group[half:], outcomes)
+                return
+            for sample in group:
+                failure = (
+                    _out_of_memory(sample.state)
+                    if is_out_of_memory(error)
+                    else GenerationError("decoding failed", details=repr(error))
                 )
-            except Exception as error:
-                for sample in group:
-                    self._fail(
-                        sample.state, GenerationError("decoding failed", details=repr(error)), outcomes
-                    )
-                continue
-            for sample, image in zip(group, images, strict=True):
-                self._complete_sample(sample, image, outcomes)
+                self._fail(sample.state, failure, outcomes)
+            return
+        for sample, image in zip(group, images, strict=True):
+            self._complete_sample(sample, image, outcomes)
 
     def _complete_sample(self, sample: _Sample, image, outcomes: list[Outcome]) -> None:
         state = sample.state
@@ -480,3 +676,19 @@ class StepBatchingEngine:
         state.failed = error
         self._drop(state)
         outcomes.append(Outcome(state.request.request_id, error=error))
+
+
+def _admission_error(error: Exception) -> InferenceError:
+    if isinstance(error, InferenceError):
+        return error
+    if is_out_of_memory(error):
+        return GenerationError("out of accelerator memory while preparing the request", code="out_of_memory")
+    return GenerationError("could not start generation", details=repr(error))
+
+
+def _out_of_memory(state: _RequestState) -> GenerationError:
+    request = state.request
+    return GenerationError(
+        f"out of accelerator memory: one {request.width}x{request.height} image does not fit even alone",
+        code="out_of_memory",
+    )

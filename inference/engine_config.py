@@ -32,3 +32,69 @@ class EngineConfig:
             raise ValueError(f"max_batch_row_area = {self.max_batch_row_area} must be positive or None")
         if self.admission not in ADMISSION_POLICIES:
             raise ValueError(f"admission = {self.admission!r}; choose one of {ADMISSION_POLICIES}")
+
+
+COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """Load-time speed-ups of one model replica (not live: changing them means new replicas).
+
+    ``channels_last`` stores the UNet and VAE weights NHWC (tensor-core convolutions on GPUs).
+    ``compile`` is ``off`` or a ``torch.compile`` mode for the UNet: ``default``, ``max-autotune``
+    or ``reduce-overhead`` (CUDA graphs). A compiled UNet specialises on every input shape, so
+    ``row_buckets`` bounds the shapes: each UNet call's rows are padded up to the next bucket (the
+    padding rows' outputs are dropped) and a call never takes more rows than the largest bucket.
+    ``warmup_sizes`` lists the (height, width) image sizes whose every bucket the replica runs once
+    before it reports ready, so no request pays a compile.
+    """
+
+    channels_last: bool = False
+    compile: str = "off"
+    row_buckets: tuple[int, ...] | None = None
+    warmup_sizes: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"optimize.compile = {self.compile!r}; choose one of {COMPILE_MODES}")
+        if self.row_buckets is not None:
+            buckets = tuple(int(b) for b in self.row_buckets)
+            if not buckets or any(b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
+                raise ValueError(
+                    f"optimize.row_buckets = {list(self.row_buckets)} must be strictly increasing "
+                    "positive row counts, e.g. [2, 4, 8, 16]"
+                )
+            object.__setattr__(self, "row_buckets", buckets)
+        if self.compile != "off" and self.row_buckets is None:
+            raise ValueError(
+                f"optimize.compile = {self.compile!r} specialises the UNet on every batch size it sees; "
+                "set optimize.row_buckets (e.g. [2, 4, 8, 16]) so calls are padded to a few shapes "
+                "that warm-up compiles before traffic"
+            )
+        sizes = tuple((int(h), int(w)) for h, w in self.warmup_sizes)
+        for height, width in sizes:
+            if height < 8 or width < 8 or height % 8 or width % 8:
+                raise ValueError(
+                    f"optimize.warmup_sizes entry [{height}, {width}] must be [height, width] in "
+                    "pixels, multiples of 8"
+                )
+        if sizes and self.row_buckets is None:
+            raise ValueError("optimize.warmup_sizes needs optimize.row_buckets: warm-up runs each bucket")
+        object.__setattr__(self, "warmup_sizes", sizes)
+
+    @property
+    def max_rows(self) -> int | None:
+        """The most UNet rows one call may take (the largest bucket), or None when unbounded."""
+        return self.row_buckets[-1] if self.row_buckets else None
+
+    def padded_rows(self, rows: int) -> int:
+        """``rows`` rounded up to the next bucket (unchanged without buckets or beyond the last)."""
+        for bucket in self.row_buckets or ():
+            if bucket >= rows:
+                return bucket
+        return rows
+
+    @property
+    def warmup_shapes(self) -> int:
+        return len(self.warmup_sizes) * len(self.row_buckets or ())

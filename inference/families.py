@@ -8,9 +8,12 @@ Everything here works on ONE sample at batch 1; the engine concatenates samples'
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
 
 from inference.models import Family
@@ -57,15 +60,28 @@ class _StableDiffusion:
 
     uses_strength = True
 
+    cfg_rows = 2
+
     def do_cfg(self, pipe, request: GenerationRequest) -> bool:
         return request.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
 
-    def condition(self, pipe, request: GenerationRequest, image: torch.Tensor) -> Conditioning:
+    def rows(self, pipe, request: GenerationRequest) -> int:
+        """UNet rows one sample of ``request`` takes, known before any model work."""
+        return self.cfg_rows if self.do_cfg(pipe, request) else 1
+
+    def encode_prompt(self, pipe, request: GenerationRequest) -> Conditioning:
         cfg = self.do_cfg(pipe, request)
         positive, negative = pipe.encode_prompt(request.prompt, pipe.device, 1, cfg, request.negative_prompt)
         embeds = torch.cat([negative, positive]) if cfg else positive
-        latent_dist = pipe.vae.encode(image.to(device=pipe.device, dtype=embeds.dtype)).latent_dist
-        return Conditioning(2 if cfg else 1, embeds, request.guidance_scale, latent_dist=latent_dist)
+        return Conditioning(2 if cfg else 1, embeds, request.guidance_scale)
+
+    def encode_images(self, pipe, conds: list[Conditioning], images: torch.Tensor) -> None:
+        """One VAE encode for the images of several requests (one row each, same size); each
+        request keeps its own slice of the latent distribution, sampled with its own generator."""
+        dtype = conds[0].encoder_hidden_states.dtype
+        moments = pipe.vae.encode(images.to(device=pipe.device, dtype=dtype)).latent_dist.parameters
+        for cond, row in zip(conds, moments.split(1), strict=True):
+            cond.latent_dist = DiagonalGaussianDistribution(row)
 
     def scale_latents(self, pipe, latents: torch.Tensor) -> torch.Tensor:
         return pipe.vae.config.scaling_factor * latents
@@ -94,13 +110,30 @@ class _StableDiffusion:
         return pipe.vae.decode(self.unscale_latents(pipe, latents), return_dict=False)[0]
 
 
+@contextlib.contextmanager
+def _vae_in_float32(pipe, upcast: bool) -> Iterator[None]:
+    """Run the VAE in float32 for the duration, as stock SDXL does when ``force_upcast`` is set.
+
+    SDXL's original VAE overflows in float16. The stock pipeline casts the VAE to float32 around
+    encode (any half dtype) and decode (float16 only) and back afterwards; float16 and bfloat16
+    weights survive the round trip exactly, so this is what stock computes, not an approximation.
+    Production SDXL deployments usually load an fp16-safe VAE (``force_upcast: false``) instead.
+    """
+    dtype = pipe.vae.dtype
+    if not upcast or dtype == torch.float32:
+        yield
+        return
+    pipe.vae.to(dtype=torch.float32)
+    try:
+        yield
+    finally:
+        pipe.vae.to(dtype=dtype)
+
+
 class _StableDiffusionXL(_StableDiffusion):
     """StableDiffusionXLImg2ImgPipeline: two text encoders, pooled embeds and time ids per row."""
 
-    def do_cfg(self, pipe, request: GenerationRequest) -> bool:
-        return request.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
-
-    def condition(self, pipe, request: GenerationRequest, image: torch.Tensor) -> Conditioning:
+    def encode_prompt(self, pipe, request: GenerationRequest) -> Conditioning:
         cfg = self.do_cfg(pipe, request)
         embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
             prompt=request.prompt,
@@ -134,11 +167,15 @@ class _StableDiffusionXL(_StableDiffusion):
             pooled = torch.cat([neg_pooled, pooled])
             time_ids = torch.cat([neg_time_ids, time_ids])
         added = {"text_embeds": pooled.to(pipe.device), "time_ids": time_ids.to(pipe.device)}
-        vae_dtype = torch.float32 if pipe.vae.config.force_upcast else embeds.dtype
-        latent_dist = pipe.vae.encode(image.to(device=pipe.device, dtype=vae_dtype)).latent_dist
-        return Conditioning(
-            2 if cfg else 1, embeds, request.guidance_scale, added_cond=added, latent_dist=latent_dist
-        )
+        return Conditioning(2 if cfg else 1, embeds, request.guidance_scale, added_cond=added)
+
+    def encode_images(self, pipe, conds: list[Conditioning], images: torch.Tensor) -> None:
+        upcast = bool(pipe.vae.config.force_upcast)
+        images = images.to(device=pipe.device, dtype=conds[0].encoder_hidden_states.dtype)  # as stock
+        with _vae_in_float32(pipe, upcast):
+            moments = pipe.vae.encode(images.float() if upcast else images).latent_dist.parameters
+        for cond, row in zip(conds, moments.split(1), strict=True):
+            cond.latent_dist = DiagonalGaussianDistribution(row)
 
     def _latent_stats(self, pipe, latents: torch.Tensor):
         config = pipe.vae.config
@@ -163,32 +200,33 @@ class _StableDiffusionXL(_StableDiffusion):
         return latents * std / pipe.vae.config.scaling_factor + mean
 
     def decode(self, pipe, latents: torch.Tensor) -> torch.Tensor:
-        vae_dtype = next(iter(pipe.vae.post_quant_conv.parameters())).dtype
-        return pipe.vae.decode(self.unscale_latents(pipe, latents).to(vae_dtype), return_dict=False)[0]
+        upcast = pipe.vae.dtype == torch.float16 and bool(pipe.vae.config.force_upcast)
+        with _vae_in_float32(pipe, upcast):
+            vae_dtype = next(iter(pipe.vae.post_quant_conv.parameters())).dtype
+            return pipe.vae.decode(self.unscale_latents(pipe, latents.to(vae_dtype)), return_dict=False)[0]
 
 
 class _InstructPix2Pix(_StableDiffusion):
     """StableDiffusionInstructPix2PixPipeline: three-row guidance, image latents on channels, no strength."""
 
     uses_strength = False
+    cfg_rows = 3
 
     def do_cfg(self, pipe, request: GenerationRequest) -> bool:
         return request.guidance_scale > 1.0 and request.image_guidance_scale >= 1.0
 
-    def condition(self, pipe, request: GenerationRequest, image: torch.Tensor) -> Conditioning:
+    def encode_prompt(self, pipe, request: GenerationRequest) -> Conditioning:
         cfg = self.do_cfg(pipe, request)
         embeds = pipe._encode_prompt(request.prompt, pipe.device, 1, cfg, request.negative_prompt)
-        image = image.to(device=pipe.device, dtype=embeds.dtype)
-        image_latents = pipe.vae.encode(image).latent_dist.mode()
-        if cfg:
-            image_latents = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])
-        return Conditioning(
-            3 if cfg else 1,
-            embeds,
-            request.guidance_scale,
-            request.image_guidance_scale,
-            image_latents=image_latents,
-        )
+        return Conditioning(3 if cfg else 1, embeds, request.guidance_scale, request.image_guidance_scale)
+
+    def encode_images(self, pipe, conds: list[Conditioning], images: torch.Tensor) -> None:
+        dtype = conds[0].encoder_hidden_states.dtype
+        modes = pipe.vae.encode(images.to(device=pipe.device, dtype=dtype)).latent_dist.mode()
+        for cond, image_latents in zip(conds, modes.split(1), strict=True):
+            if cond.rows == 3:
+                image_latents = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])
+            cond.image_latents = image_latents
 
     def start_latents(self, pipe, cond: Conditioning, scheduler, timesteps, generator) -> torch.Tensor:
         _, _, height, width = cond.image_latents.shape

@@ -2,8 +2,13 @@
 
 Each sample keeps its own scheduler object (the universal path that works for any scheduler); for
 the stateless DDIM (eta = 0) and first-order Euler we compute every sample's update at once from
-per-sample coefficient vectors. The arithmetic follows diffusers' ``step`` operation by operation,
-so results are bitwise equal to the per-sample path (a unit test holds us to that).
+per-sample coefficient vectors. The arithmetic follows diffusers' ``step`` operation by operation
+in float32, so in float32 results are bitwise equal to the per-sample path (a unit test holds us to
+that). Half-precision latents are stepped in float32 too and rounded once at the end: the stock
+step rounds after every operation, with rules that differ between CPU and CUDA kernels (a float32
+scalar times a half tensor is rounded to half first on CPU, a division is not), so the fast path
+stays within one or two half-precision ulps per step of it. Exact mode steps each sample with its
+own scheduler instead (see ``StepBatchingEngine``).
 """
 
 from __future__ import annotations
@@ -42,9 +47,10 @@ def _ddim(samples, guided: list[torch.Tensor]) -> None:
         prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
         alphas.append(scheduler.alphas_cumprod[t])
         alphas_prev.append(scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod)
-    eps = torch.cat(guided)
-    sample_batch = torch.cat([s.latents for s in samples])
-    alpha_t, alpha_prev = _column(alphas, eps), _column(alphas_prev, eps)
+    out_dtype = samples[0].latents.dtype
+    eps = torch.cat(guided).to(torch.float32)
+    sample_batch = torch.cat([s.latents for s in samples]).to(torch.float32)
+    alpha_t, alpha_prev = _column(alphas, eps).to(eps.dtype), _column(alphas_prev, eps).to(eps.dtype)
     beta_t = 1 - alpha_t
     if samples[0].scheduler.config.prediction_type == "epsilon":
         pred_original = (sample_batch - beta_t ** (0.5) * eps) / alpha_t ** (0.5)
@@ -54,13 +60,14 @@ def _ddim(samples, guided: list[torch.Tensor]) -> None:
         pred_epsilon = (alpha_t**0.5) * eps + (beta_t**0.5) * sample_batch
     std_dev_t = torch.zeros_like(alpha_t)  # eta = 0: DDIM is deterministic
     direction = (1 - alpha_prev - std_dev_t**2) ** (0.5) * pred_epsilon
-    prev = alpha_prev ** (0.5) * pred_original + direction
+    prev = (alpha_prev ** (0.5) * pred_original + direction).to(out_dtype)
     for sample, latents in zip(samples, prev.split(1), strict=True):
         sample.latents = latents
 
 
 def _euler(samples, guided: list[torch.Tensor]) -> None:
-    eps = torch.cat(guided)
+    out_dtype = samples[0].latents.dtype
+    eps = torch.cat(guided).to(torch.float32)
     sample_batch = torch.cat([s.latents for s in samples]).to(torch.float32)
     sigma = _column([s.scheduler.sigmas[s.scheduler.step_index] for s in samples], sample_batch)
     sigma_next = _column([s.scheduler.sigmas[s.scheduler.step_index + 1] for s in samples], sample_batch)
@@ -71,7 +78,7 @@ def _euler(samples, guided: list[torch.Tensor]) -> None:
         pred_original = eps * (-sigma / (sigma**2 + 1) ** 0.5) + (sample_batch / (sigma**2 + 1))
     derivative = (sample_batch - pred_original) / sigma_hat
     dt = sigma_next - sigma_hat
-    prev = (sample_batch + derivative * dt).to(eps.dtype)
+    prev = (sample_batch + derivative * dt).to(out_dtype)
     for sample, latents in zip(samples, prev.split(1), strict=True):
         sample.latents = latents
         sample.scheduler._step_index += 1

@@ -231,10 +231,10 @@ def test_a_request_that_breaks_the_unet_fails_alone(pipes, monkeypatch):
         return latents * float("nan") if cond.encoder_hidden_states is poison_marker[0] else latents
 
     poison_marker = [None]
-    real_condition = engine._adapter.condition
+    real_condition = engine._adapter.encode_prompt
 
-    def condition(pipe_, request, image):
-        cond = real_condition(pipe_, request, image)
+    def condition(pipe_, request):
+        cond = real_condition(pipe_, request)
         if request.request_id == poisoned:
             poison_marker[0] = cond.encoder_hidden_states
         return cond
@@ -247,7 +247,7 @@ def test_a_request_that_breaks_the_unet_fails_alone(pipes, monkeypatch):
         return real_forward(sample, *args, **kwargs)
 
     monkeypatch.setattr(engine._adapter, "start_latents", start_latents)
-    monkeypatch.setattr(engine._adapter, "condition", condition)
+    monkeypatch.setattr(engine._adapter, "encode_prompt", condition)
     monkeypatch.setattr(pipe.unet, "forward", forward)
     for request in requests:
         engine.submit(request)
@@ -262,14 +262,14 @@ def test_a_request_that_breaks_the_unet_fails_alone(pipes, monkeypatch):
 
 def test_a_request_that_fails_admission_fails_alone(pipes, monkeypatch):
     engine = StepBatchingEngine(pipes[Family.SD], Family.SD)
-    real_condition = engine._adapter.condition
+    real_condition = engine._adapter.encode_prompt
 
-    def condition(pipe_, request, image):
+    def condition(pipe_, request):
         if request.prompt == "prompt number 3":
             raise RuntimeError("tokenizer exploded")
-        return real_condition(pipe_, request, image)
+        return real_condition(pipe_, request)
 
-    monkeypatch.setattr(engine._adapter, "condition", condition)
+    monkeypatch.setattr(engine._adapter, "encode_prompt", condition)
     for request in _requests(Family.SD):
         engine.submit(request)
     outcomes = {o.request_id: o for o in engine.run_until_idle()}
