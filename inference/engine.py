@@ -316,9 +316,7 @@ class StepBatchingEngine:
             if not samples:
                 del self._active[state.bucket]
 
-    def _next_candidate(
-        self, blocked: set[tuple[int, int]], taken: dict[int, int]
-    ) -> _RequestState | None:
+    def _next_candidate(self, blocked: set[tuple[int, int]], taken: dict[int, int]) -> _RequestState | None:
         """The request whose next sample is admitted next.
 
         ``fifo``: the oldest waiting request. ``fair``: the oldest waiting request of the tenant that
@@ -543,7 +541,7 @@ class StepBatchingEngine:
             self._fail(group[0].state, _out_of_memory(group[0].state), outcomes)
             return
         self._caps.lower(group[0].state.bucket, len(group))
-        half = len(group) // 2
+        half = (len(group) + 1) // 2
         self._denoise_group(group[:half], outcomes)
         self._denoise_group(group[half:], outcomes)
 
@@ -578,9 +576,16 @@ class StepBatchingEngine:
         if padding:  # repeat the last row up to the bucket; its outputs are dropped below
             for parts in (model_input, timesteps, hidden, *added.values()):
                 parts.append(parts[-1][-1:].expand(padding, *parts[-1].shape[1:]))
+        unet_input = torch.cat(model_input)
+        if not exact or self._optimize.compile != "off":
+            # One memory layout for every call: a compiled UNet guards on strides, and latents
+            # inherit whatever layout the VAE's convolutions chose. (Exact mode keeps the layout
+            # stock passes: oneDNN picks its convolution kernel by layout.)
+            layout = torch.channels_last if self._optimize.channels_last else torch.contiguous_format
+            unet_input = unet_input.contiguous(memory_format=layout)
         with row_groups(groups if exact else None):
             noise_pred = self._pipe.unet(
-                torch.cat(model_input),
+                unet_input,
                 torch.cat(timesteps),
                 encoder_hidden_states=torch.cat(hidden),
                 added_cond_kwargs={k: torch.cat(v) for k, v in added.items()} or None,

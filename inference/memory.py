@@ -40,8 +40,9 @@ class BucketCaps:
     _lowered: dict[tuple[int, int], tuple[int, float]] = field(default_factory=dict)
 
     def lower(self, bucket: tuple[int, int], failed_samples: int) -> int:
-        """A call of ``failed_samples`` ran out of memory: cap the bucket at half of it (at least 1)."""
-        cap = max(1, failed_samples // 2)
+        """A call of ``failed_samples`` ran out of memory and is retried in halves: cap the bucket at
+        the larger half (at least 1); if that half fails too, it lowers the cap again."""
+        cap = max(1, (failed_samples + 1) // 2)
         current = self.cap(bucket)
         if current is not None:
             cap = min(cap, current)

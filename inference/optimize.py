@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from inference.engine_config import OptimizeConfig
+
 #: Recompilations Dynamo allows per code object before it silently falls back to eager. The engine
 #: feeds the UNet one shape per (rows, latent height, latent width) bucket: up to 3 x cap row
 #: counts per image size, more than the default 8.
@@ -91,3 +93,14 @@ def optimize_pipeline(
         pipe.unet = torch.compile(pipe.unet, dynamic=False, mode=compile_mode)
         report["compile"] = compile_mode or "default"
     return report
+
+
+def apply_optimize_config(pipe, config: OptimizeConfig) -> dict[str, Any]:
+    """Apply a model's configured ``optimize`` block (SDPA always; see ``OptimizeConfig``)."""
+    return optimize_pipeline(
+        pipe,
+        channels_last=config.channels_last,
+        sdpa=True,
+        compile=config.compile != "off",
+        compile_mode=None if config.compile in ("off", "default") else config.compile,
+    )

@@ -133,20 +133,20 @@ def test_cancel_in_half_precision_leaves_the_neighbours_bitwise_unchanged(loaded
 @pytest.mark.parametrize("force_upcast", [True, False], ids=["force_upcast", "fp16_vae"])
 def test_sdxl_vae_upcast_behaves_as_stock(tiny_registry, force_upcast):
     """Stock SDXL casts its VAE to float32 around encode and (float16 only) decode when the VAE
-    config says ``force_upcast``, then back; without it the VAE runs in float16. The engine does the
-    same, bit for bit in exact mode, and leaves the VAE in its loaded dtype."""
+    config says ``force_upcast``, then back; without it the VAE runs in float16. The engine computes
+    the same (bit for bit in exact mode) with a float32 copy made once, and never recasts the
+    pipeline's own VAE."""
     spec = dataclasses.replace(tiny_registry.get(MODEL_IDS[Family.SDXL]), dtype="float16")
     pipe = load_pipeline(spec)
     pipe.vae.register_to_config(force_upcast=force_upcast)
     requests = _requests(Family.SDXL)[:3]
     expected = _oracle(pipe, Family.SDXL, requests)
-    encodes: list[torch.dtype] = []
-    real_encode = pipe.vae.encode
-    pipe.vae.encode = lambda x, *a, **k: encodes.append(pipe.vae.dtype) or real_encode(x, *a, **k)
+    casts: list[object] = []
+    real_to = pipe.vae.to
+    pipe.vae.to = lambda *a, **k: casts.append((a, k)) or real_to(*a, **k)
     engine = StepBatchingEngine(
         pipe, Family.SDXL, EngineConfig(max_batch_samples=4, exact=True), output_type="np"
     )
     got = _run_staggered(engine, requests)
     assert _max_dev(got, expected) == 0.0
-    assert set(encodes) == {torch.float32 if force_upcast else torch.float16}
-    assert pipe.vae.dtype == torch.float16
+    assert casts == [] and pipe.vae.dtype == torch.float16
