@@ -36,6 +36,10 @@ HONOURED_PARAMETERS: Mapping[Family, frozenset[str]] = {
     Family.INSTRUCT_PIX2PIX: _COMMON | {"image_guidance_scale"},
 }
 
+#: UNet rows one sample takes with full guidance (classifier-free: uncond + text; instruct-pix2pix:
+#: text + image + uncond). A compiled model's largest row bucket must hold at least this many.
+GUIDED_ROWS: Mapping[Family, int] = {Family.SD: 2, Family.SDXL: 2, Family.INSTRUCT_PIX2PIX: 3}
+
 #: Parameters that only some families honour; these are the ones that can draw a warning.
 OPTIONAL_PARAMETERS = frozenset({"strength", "prompt_2", "negative_prompt_2", "image_guidance_scale"})
 

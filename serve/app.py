@@ -36,7 +36,7 @@ def _model_deployment(model: ModelDeployment) -> Application:
         health_check_timeout_s=model.health_check_timeout_s,
         graceful_shutdown_timeout_s=model.graceful_shutdown_timeout_s,
     )
-    return deployment.bind(model.spec, model.engine, model.torch_threads)
+    return deployment.bind(model.spec, model.engine, model.torch_threads, model.optimize)
 
 
 def build_app(args: dict[str, Any]) -> Application:

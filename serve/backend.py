@@ -23,6 +23,7 @@ from serve.errors import GenerationTimeoutError, ModelUnavailableError, Overload
 from serve.fetch import FetchPolicy
 from serve.generation import GenerationService, ProgressCallback
 from serve.jobs import JobRecord
+from serve.warmup_status import describe, warming_replicas
 
 logger = logging.getLogger("serve.backend")
 
@@ -47,6 +48,7 @@ class RayModelBackend:
         self._models = {m.spec["id"]: m for m in models}
         self._timeout_s = timeout_s
         self._replica_retries = replica_retries
+        self._app_name = _current_app_name()
 
     async def generate(
         self, model_id: str, request: GenerationRequest, on_progress: ProgressCallback | None = None
@@ -108,10 +110,21 @@ class RayModelBackend:
             async with asyncio.timeout(3):
                 await self._handles[model_id].ready.remote()
         except TimeoutError:
-            return "no replica answered within 3s (starting, or busy loading the model)"
+            warming = describe(await asyncio.to_thread(warming_replicas, self._app_name, model_id))
+            return warming or "no replica answered within 3s (starting, or busy loading the model)"
         except Exception as error:  # any failure is "not ready", with its reason
             return f"replica check failed: {type(error).__name__}: {str(error)[:200]}"
         return None
+
+
+def _current_app_name() -> str:
+    """The Serve application this replica belongs to (model ids repeat across applications)."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().app_name
+    except Exception:  # outside a replica (scripts, tests): no application
+        return ""
 
 
 def unwrap(error: RayTaskError, what: str) -> InferenceError:

@@ -19,8 +19,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from inference.engine_config import EngineConfig
-from inference.models import ModelRegistry, ModelSpec
+from inference.engine_config import EngineConfig, OptimizeConfig
+from inference.models import GUIDED_ROWS, ModelRegistry, ModelSpec
 from serve.cors import CorsPolicy
 from serve.storage import LocalObjectStore, S3ObjectStore
 from serve.tenants import Tenant, TenantDirectory
@@ -61,6 +61,10 @@ class ModelDeployment(_Strict):
 
     spec: dict[str, Any]
     engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig: Serve user_config")
+    optimize: dict[str, Any] = Field(
+        default_factory=dict,
+        description="OptimizeConfig: channels_last, compile mode, row_buckets, warmup_sizes (load time)",
+    )
     scaling: ReplicaScaling = ReplicaScaling()
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 on CPU clusters)")
     num_cpus: float = Field(1, ge=0)
@@ -86,6 +90,35 @@ class ModelDeployment(_Strict):
             raise ValueError(f"unknown engine field(s) {sorted(unknown)}; allowed: {allowed}")
         EngineConfig(**engine)
         return engine
+
+    @field_validator("optimize")
+    @classmethod
+    def _valid_optimize(cls, optimize: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(optimize) - set(OptimizeConfig.__dataclass_fields__)
+        if unknown:
+            allowed = ", ".join(OptimizeConfig.__dataclass_fields__)
+            raise ValueError(f"unknown optimize field(s) {sorted(unknown)}; allowed: {allowed}")
+        try:
+            OptimizeConfig(**optimize)
+        except TypeError as error:
+            raise ValueError(f"optimize: {error}") from None
+        return optimize
+
+    @model_validator(mode="after")
+    def _buckets_hold_one_sample(self) -> ModelDeployment:
+        """A sample wider than the largest bucket would run unpadded: a shape warm-up never saw."""
+        buckets = self.optimize.get("row_buckets")
+        rows = GUIDED_ROWS[self.model_spec.family]
+        if buckets and max(buckets) < rows:
+            raise ValueError(
+                f"model {self.spec['id']!r}: optimize.row_buckets = {list(buckets)}; the largest bucket "
+                f"must hold one guided sample of family {self.model_spec.family.value} ({rows} rows)"
+            )
+        return self
+
+    @property
+    def optimize_config(self) -> OptimizeConfig:
+        return OptimizeConfig(**self.optimize)
 
     @property
     def model_spec(self) -> ModelSpec:

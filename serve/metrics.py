@@ -76,6 +76,22 @@ class WorkerMetrics:
             description="Requests queued or running in the replica",
             tag_keys=("model",),
         )
+        self.oom_splits = Counter(
+            "img2img_oom_splits",
+            description="UNet calls split in halves after an accelerator out-of-memory error",
+            tag_keys=("model",),
+        )
+        self.padded_rows = Counter(
+            "img2img_padded_rows",
+            description="UNet rows added to reach a row bucket (work spent on fixed shapes)",
+            tag_keys=("model",),
+        )
+        self.effective_cap = Gauge(
+            "img2img_effective_batch_cap",
+            description="Samples one UNet call of a latent-size bucket may take now (lowered after an OOM)",
+            tag_keys=("model", "bucket"),
+        )
+        self._lowered: set[str] = set()
         for metric in (
             self.queue_wait,
             self.step_time,
@@ -85,14 +101,28 @@ class WorkerMetrics:
             self.inflight,
             self.unet_calls,
             self.batched_samples,
+            self.oom_splits,
+            self.padded_rows,
+            self.effective_cap,
         ):
             metric.set_default_tags(dict(tags))  # Ray adds its own keys to the dict it is given
 
-    def step(self, samples: int, seconds: float) -> None:
-        self.batch_samples.observe(samples)
-        self.unet_calls.inc()
-        self.batched_samples.inc(samples)
-        self.step_time.observe(seconds)
+    def step(self, stats, configured_cap: int, lowered: dict[tuple[int, int], int]) -> None:
+        """One engine step's ``StepStats``; ``lowered`` maps buckets to caps an OOM lowered."""
+        self.batch_samples.observe(stats.samples)
+        self.unet_calls.inc(max(stats.unet_calls, 1))
+        self.batched_samples.inc(stats.samples)
+        self.step_time.observe(stats.step_s)
+        if stats.oom_splits:
+            self.oom_splits.inc(stats.oom_splits)
+        if stats.padded_rows:
+            self.padded_rows.inc(stats.padded_rows)
+        now = {f"{h}x{w}": cap for (h, w), cap in lowered.items()}
+        for bucket in self._lowered - set(now):  # cool-down over: back to the configured cap
+            self.effective_cap.set(configured_cap, tags={"bucket": bucket})
+        for bucket, cap in now.items():
+            self.effective_cap.set(cap, tags={"bucket": bucket})
+        self._lowered = set(now)
 
     def finished(self, images: int, queue_wait_s: float) -> None:
         self.images.inc(images)

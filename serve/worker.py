@@ -26,22 +26,35 @@ class ModelWorker:
     """Ray Serve deployment class (wrapped by ``serve.deployment`` in ``serve.app``)."""
 
     def __init__(
-        self, spec: dict[str, Any], engine: dict[str, Any], torch_threads: int | None = None
+        self,
+        spec: dict[str, Any],
+        engine: dict[str, Any],
+        torch_threads: int | None = None,
+        optimize: dict[str, Any] | None = None,
     ) -> None:
+        """Load, optimise and warm up before returning: Serve routes nothing to a replica whose
+        constructor has not finished, so no request ever waits for a compile."""
         import torch  # only model replicas load torch; the ingress never does
 
         from inference.engine import EngineConfig, StepBatchingEngine
+        from inference.engine_config import OptimizeConfig
         from inference.models import ModelSpec
+        from inference.optimize import apply_optimize_config
         from inference.pipelines import load_pipeline
         from serve.metrics import WorkerMetrics
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.spec = ModelSpec(**spec)
+        optimize_config = OptimizeConfig(**(optimize or {}))
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        pipe = load_pipeline(self.spec, device)
+        applied = apply_optimize_config(pipe, optimize_config)
         self._engine = StepBatchingEngine(
-            load_pipeline(self.spec, device), self.spec.family, EngineConfig(**engine)
+            pipe, self.spec.family, EngineConfig(**engine), optimize=optimize_config
         )
+        self._warmed = self._warm_up(optimize_config)
+        logger.info("model %s optimisations: %s; %d shapes warmed", self.spec.id, applied, self._warmed)
         self._metrics = WorkerMetrics(self.spec.id)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{self.spec.id}")
         self._futures: dict[str, asyncio.Future] = {}
@@ -49,6 +62,21 @@ class ModelWorker:
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         logger.info("model %s loaded on %s (pid %s)", self.spec.id, device, os.getpid())
+
+    def _warm_up(self, optimize_config) -> int:
+        if not optimize_config.warmup_shapes:
+            return 0
+        from ray import serve
+
+        from serve.warmup_status import WarmupReporter
+
+        context = serve.get_replica_context()
+        reporter = WarmupReporter(context.app_name, self.spec.id, context.replica_id.unique_id)
+        reporter(0, optimize_config.warmup_shapes)
+        try:
+            return self._engine.warm_up(reporter)
+        finally:
+            reporter.clear()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve ``user_config`` → engine knobs, live; running samples are not disturbed."""
@@ -114,6 +142,8 @@ class ModelWorker:
             "model": self.spec.id,
             "queued": self._engine.queued_requests,
             "active": self._engine.active_samples,
+            "warmed_shapes": self._warmed,
+            "lowered_caps": {f"{h}x{w}": cap for (h, w), cap in self._engine.effective_caps().items()},
         }
 
     def check_health(self) -> None:
@@ -150,7 +180,7 @@ class ModelWorker:
 
     def _after_step(self, stats) -> None:
         if stats is not None:
-            self._metrics.step(stats.samples, stats.step_s)
+            self._metrics.step(stats, self._engine.config.max_batch_samples, self._engine.effective_caps())
         for request_id, updates in self._progress_queues.items():
             progress = self._engine.progress(request_id)
             if progress is not None:

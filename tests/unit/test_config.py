@@ -49,6 +49,13 @@ def _minimal(**model_changes) -> dict:
         ({"models": [_minimal()["models"][0]] * 2}, "repeated"),
         (_minimal() | {"storage": {"kind": "gcs"}}, "storage.kind"),
         (_minimal(num_gpus=-1), "num_gpus"),
+        (_minimal(optimize={"compile": "fast"}), "optimize.compile"),
+        (_minimal(optimize={"compile": "default"}), "set optimize.row_buckets"),
+        (_minimal(optimize={"row_buckets": [4, 2]}), "strictly increasing"),
+        (_minimal(optimize={"row_buckets": [1]}), "must hold one guided sample of family sd (2 rows)"),
+        (_minimal(optimize={"warmup_sizes": [[512, 512]]}), "needs optimize.row_buckets"),
+        (_minimal(optimize={"row_buckets": [2], "warmup_sizes": [[500, 512]]}), "multiples of 8"),
+        (_minimal(optimize={"cuda_graphs": True}), "unknown optimize field"),
     ],
 )
 def test_bad_config_fails_with_a_message_naming_the_problem(args, fragment):
@@ -67,3 +74,17 @@ def test_secrets_refuse_placeholders_and_require_a_key(monkeypatch):
         Secrets().keys()
     monkeypatch.setenv("IMG2IMG_API_KEYS", '{"k-1234567890": "acme"}')
     assert Secrets().keys() == {"k-1234567890": "acme"}
+
+
+def test_production_optimize_blocks_bound_the_compiled_shapes():
+    """Every compiled production model pads to buckets that hold its engine's largest call."""
+    args = AppArgs.model_validate(_args(Path("cluster/serve_config.yaml")))
+    compiled = [m for m in args.models if m.optimize_config.compile != "off"]
+    assert compiled, "production compiles at least one UNet"
+    for model in compiled:
+        optimize, engine = model.optimize_config, model.engine_config
+        assert optimize.warmup_shapes >= len(optimize.row_buckets)
+        if engine.max_batch_row_area:  # the warm-up size's largest call fits the largest bucket
+            height, width = optimize.warmup_sizes[0]
+            rows_at_size = engine.max_batch_row_area // ((height // 8) * (width // 8))
+            assert optimize.max_rows >= min(rows_at_size, 2 * engine.max_batch_samples)
