@@ -36,7 +36,13 @@ from inference.types import GenerationRequest, GenerationResult, Progress
 
 @dataclass(frozen=True)
 class StepStats:
-    """What one ``step()`` did, for metrics: the real batch size and where the time went."""
+    """What one ``step()`` did, for metrics: the real batch size and where the time went.
+
+    ``step_s`` is the whole step; ``unet_s`` the denoising part (UNet calls, guidance, scheduler
+    steps: what a request's compute share is cut from); ``forward_s`` the UNet forward calls alone,
+    so ``step_s - forward_s`` is the engine's own host work (admission, input assembly, guidance,
+    scheduler, decode). On CUDA, ``forward_s`` times the launch, not the kernels (no syncs here).
+    """
 
     bucket: tuple[int, int]
     samples: int
@@ -45,6 +51,7 @@ class StepStats:
     finished: int
     unet_s: float
     step_s: float
+    forward_s: float = 0.0
     unet_calls: int = 1
     padded_rows: int = 0
     oom_splits: int = 0
@@ -121,7 +128,7 @@ class StepBatchingEngine:
         self._pipe = pipe
         self._optimize = optimize or OptimizeConfig()
         self._caps = BucketCaps()
-        self._step_report = {"calls": 0, "padded_rows": 0, "oom_splits": 0}
+        self._step_report = {"calls": 0, "padded_rows": 0, "oom_splits": 0, "forward_s": 0.0}
         self._output_type = output_type
         self._family = Family(family)
         self._adapter = ADAPTERS[self._family]
@@ -193,11 +200,11 @@ class StepBatchingEngine:
         if bucket is None:
             return outcomes, None
         samples = self._active[bucket]
-        self._step_report = {"calls": 0, "padded_rows": 0, "oom_splits": 0}
-        unet_started = time.perf_counter()
+        self._step_report = {"calls": 0, "padded_rows": 0, "oom_splits": 0, "forward_s": 0.0}
+        denoise_started = time.perf_counter()
         with torch.inference_mode():
             self._denoise(samples, outcomes)
-            unet_s = time.perf_counter() - unet_started
+            unet_s = time.perf_counter() - denoise_started
             self._attribute(samples, unet_s)
             finished = [s for s in samples if s.done]
             if finished:
@@ -212,6 +219,7 @@ class StepBatchingEngine:
             finished=len(finished),
             unet_s=unet_s,
             step_s=time.perf_counter() - started,
+            forward_s=self._step_report["forward_s"],
             unet_calls=self._step_report["calls"],
             padded_rows=self._step_report["padded_rows"],
             oom_splits=self._step_report["oom_splits"],
@@ -583,6 +591,7 @@ class StepBatchingEngine:
             # stock passes: oneDNN picks its convolution kernel by layout.)
             layout = torch.channels_last if self._optimize.channels_last else torch.contiguous_format
             unet_input = unet_input.contiguous(memory_format=layout)
+        forward_started = time.perf_counter()
         with row_groups(groups if exact else None):
             noise_pred = self._pipe.unet(
                 unet_input,
@@ -592,11 +601,16 @@ class StepBatchingEngine:
                 return_dict=False,
             )[0]
         noise_pred = noise_pred[: sum(groups)]
+        self._step_report["forward_s"] += time.perf_counter() - forward_started
         self._step_report["calls"] += 1
         self._step_report["padded_rows"] += padding
-        guided = []
-        for sample, rows in zip(samples, torch.split(noise_pred, groups), strict=True):
-            guided.append(self._adapter.guide(sample.state.conditioning, rows))
+        if exact:  # the stock formula per sample, with Python-float scales
+            guided = [
+                self._adapter.guide(sample.state.conditioning, rows)
+                for sample, rows in zip(samples, torch.split(noise_pred, groups), strict=True)
+            ]
+        else:
+            guided = self._adapter.guide_batch([s.state.conditioning for s in samples], noise_pred)
         # Exact mode steps each sample with its own scheduler: the stock step's own arithmetic, which
         # the vectorised step equals bit for bit only in float32 (see inference.schedulers).
         if exact or not (self.config.vectorise and vectorised_step(samples, guided)):
