@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup run demo test audit unit integration lint format bench clean
+.PHONY: setup run demo test audit unit integration lint format bench gpu-wheels gpu-check clean
 
 setup:
 	@bash scripts/setup.sh
@@ -41,6 +41,20 @@ format: setup
 
 bench: setup
 	$(PY) benchmarks/engine_batching.py
+
+# The GPU check (benchmarks/gpu_check.py, ~7 min on one H100/H200). `make gpu-wheels` here fetches
+# into .whl/ the pinned wheels the GPU machine lacks (diffusers & co); there, with .whl carried,
+# `make gpu-check` (or `bash scripts/gpu_check_remote.sh`) installs them to /tmp/site when diffusers
+# is not importable and runs the check; with $OUT set the table, JSON and log land there. Neither
+# target needs .venv on the GPU machine. GPU_CHECK_ARGS passes options, e.g. "--skip compile".
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_ARGS ?=
+
+gpu-wheels: setup
+	bash scripts/gpu_wheels.sh
+
+gpu-check:
+	PY=$(GPU_PY) bash scripts/gpu_check_remote.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache out var .pytest_cache .ruff_cache

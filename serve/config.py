@@ -56,6 +56,19 @@ class ReplicaScaling(_Strict):
         return config
 
 
+def _valid_fields(block: str, config_class: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` builds a valid ``config_class`` (a dataclass that checks itself), or a teaching error."""
+    unknown = set(values) - set(config_class.__dataclass_fields__)
+    if unknown:
+        allowed = ", ".join(config_class.__dataclass_fields__)
+        raise ValueError(f"unknown {block} field(s) {sorted(unknown)}; allowed: {allowed}")
+    try:
+        config_class(**values)
+    except TypeError as error:  # e.g. a list where pairs were expected
+        raise ValueError(f"{block}: {error}") from None
+    return values
+
+
 class ModelDeployment(_Strict):
     """One model: what to load (``spec``), how to batch (``engine``) and where to run it."""
 
@@ -84,25 +97,12 @@ class ModelDeployment(_Strict):
     @field_validator("engine")
     @classmethod
     def _valid_engine(cls, engine: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(engine) - set(EngineConfig.__dataclass_fields__)
-        if unknown:
-            allowed = ", ".join(EngineConfig.__dataclass_fields__)
-            raise ValueError(f"unknown engine field(s) {sorted(unknown)}; allowed: {allowed}")
-        EngineConfig(**engine)
-        return engine
+        return _valid_fields("engine", EngineConfig, engine)
 
     @field_validator("optimize")
     @classmethod
     def _valid_optimize(cls, optimize: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(optimize) - set(OptimizeConfig.__dataclass_fields__)
-        if unknown:
-            allowed = ", ".join(OptimizeConfig.__dataclass_fields__)
-            raise ValueError(f"unknown optimize field(s) {sorted(unknown)}; allowed: {allowed}")
-        try:
-            OptimizeConfig(**optimize)
-        except TypeError as error:
-            raise ValueError(f"optimize: {error}") from None
-        return optimize
+        return _valid_fields("optimize", OptimizeConfig, optimize)
 
     @model_validator(mode="after")
     def _buckets_hold_one_sample(self) -> ModelDeployment:

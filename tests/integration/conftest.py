@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -145,3 +146,30 @@ def prometheus(stack):
     server = PrometheusServer([stack.metrics_url]).start()
     yield server
     server.stop()
+
+
+@contextlib.contextmanager
+def side_app(stack: Stack, args: dict, name: str, route_prefix: str, ready_timeout_s: float | None = 180):
+    """Deploy a second application on the session's cluster (own args, bucket and prefix), wait until
+    its ``/readyz`` answers 200 (unless ``ready_timeout_s`` is None), yield its base URL, delete it."""
+    import httpx
+    from ray import serve
+
+    from serve.app import build_app
+
+    serve._run(build_app(args), name=name, route_prefix=route_prefix, _blocking=False)
+    base = f"{stack.base_url}{route_prefix}"
+    try:
+        if ready_timeout_s is not None:
+            ready = lambda: httpx.get(f"{base}/readyz", timeout=10).status_code == 200  # noqa: E731
+            wait_for(ready, ready_timeout_s, 0.5, f"the {name} application ready")
+        yield base
+    finally:
+        serve.delete(name)
+
+
+def side_client(stack: Stack, base: str):
+    """An authenticated client on a side application."""
+    import httpx
+
+    return httpx.Client(base_url=base, headers=stack.headers, timeout=120)

@@ -36,7 +36,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import _stack_args, wait_for
+from tests.integration.conftest import _stack_args, side_app, side_client, wait_for
 
 #: (family value, dtype) of every model this module serves over HTTP; the unit test of shipped
 #: configs requires each family production ships to be served here in one of its shipped dtypes.
@@ -116,10 +116,8 @@ def _body(
 @pytest.fixture(scope="module")
 def half(stack, tiny_model_dirs):
     """A second application serving one tiny model per family in half precision; deleted after."""
-    from ray import serve
 
     from inference.models import Family
-    from serve.app import build_app
 
     args = _stack_args(tiny_model_dirs[Family.SD], BUCKET)
     template = args["models"][0]
@@ -142,15 +140,8 @@ def half(stack, tiny_model_dirs):
     ]
     args["tenants"] = []  # the main app's tenant names its own model; keys come from the environment
     args["ingress"] = {"scaling": {"min_replicas": 1, "max_replicas": 1}, "num_cpus": 0.1}
-    serve._run(build_app(args), name=APP_NAME, route_prefix=ROUTE_PREFIX, _blocking=False)
-    base = f"{stack.base_url}{ROUTE_PREFIX}"
-    ready = lambda: httpx.get(f"{base}/readyz", timeout=10).status_code == 200  # noqa: E731
-    try:
-        wait_for(ready, 180, 0.5, "the half-precision application ready")
-        with httpx.Client(base_url=base, headers=stack.headers, timeout=120) as http:
-            yield http
-    finally:
-        serve.delete(APP_NAME)
+    with side_app(stack, args, APP_NAME, ROUTE_PREFIX) as base, side_client(stack, base) as http:
+        yield http
 
 
 @pytest.fixture(scope="module")

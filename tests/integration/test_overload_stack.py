@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.integration.conftest import _stack_args, wait_for
+from tests.integration.conftest import _stack_args, side_app, side_client
 from tests.integration.test_jobs_stack import URL, _body
 
 BURST = 10
@@ -21,24 +21,14 @@ BURST = 10
 
 @pytest.fixture(scope="module")
 def tight(stack, tiny_model_dirs):
-    from ray import serve
-
     from inference.models import Family
-    from serve.app import build_app
 
     args = _stack_args(tiny_model_dirs[Family.SD], "integration-overload")
     model = args["models"][0]
     model.update({"max_ongoing_requests": 1, "max_queued_requests": 1, "engine": {"max_batch_samples": 1}})
     args["ingress"] = {"scaling": {"min_replicas": 1, "max_replicas": 1}, "num_cpus": 0.1}
-    serve._run(build_app(args), name="tight", route_prefix="/tight", _blocking=False)
-    base = f"{stack.base_url}/tight"
-    ready = lambda: httpx.get(f"{base}/readyz", timeout=10).status_code == 200  # noqa: E731
-    try:
-        wait_for(ready, 180, 1, "the tight application ready")
-        with httpx.Client(base_url=base, headers=stack.headers, timeout=120) as http:
-            yield http
-    finally:
-        serve.delete("tight")
+    with side_app(stack, args, "tight", "/tight") as base, side_client(stack, base) as http:
+        yield http
 
 
 def _timed(http: httpx.Client, body: dict) -> tuple[int, dict, dict, float]:

@@ -14,7 +14,7 @@ import re
 import httpx
 import pytest
 
-from tests.integration.conftest import _stack_args, wait_for
+from tests.integration.conftest import _stack_args, side_app, wait_for
 from tests.integration.test_jobs_stack import URL, _body
 
 APP_NAME, ROUTE_PREFIX = "warm-up", "/warm"
@@ -23,20 +23,14 @@ OPTIMIZE = {"compile": "default", "row_buckets": [2, 4], "warmup_sizes": [[64, 6
 
 @pytest.fixture(scope="module")
 def warming(stack, tiny_model_dirs):
-    from ray import serve
-
     from inference.models import Family
-    from serve.app import build_app
 
     args = _stack_args(tiny_model_dirs[Family.SD], "integration-warm-up")
     args["models"][0].update({"optimize": OPTIMIZE, "num_cpus": 0.25, "engine": {"max_batch_samples": 2}})
     args["tenants"] = []
     args["ingress"] = {"scaling": {"min_replicas": 1, "max_replicas": 1}, "num_cpus": 0.1}
-    serve._run(build_app(args), name=APP_NAME, route_prefix=ROUTE_PREFIX, _blocking=False)
-    try:
-        yield f"{stack.base_url}{ROUTE_PREFIX}"
-    finally:
-        serve.delete(APP_NAME)
+    with side_app(stack, args, APP_NAME, ROUTE_PREFIX, ready_timeout_s=None) as base:
+        yield base  # the test watches readiness itself
 
 
 def test_readiness_reports_warm_up_progress_then_the_compiled_model_serves(warming, stack):

@@ -80,6 +80,14 @@ def _run_staggered(engine: StepBatchingEngine, requests: list[GenerationRequest]
     return {o.request_id: list(o.result.images) for o in outcomes}
 
 
+def assert_neighbours_unchanged(baseline: dict[str, list], outcomes: dict, left: str) -> None:
+    """Every request but ``left`` has exactly its ``baseline`` images (``outcomes``: id -> Outcome)."""
+    for request_id, images in baseline.items():
+        if request_id != left:
+            got = outcomes[request_id].result.images
+            assert all(np.array_equal(a, b) for a, b in zip(got, images, strict=True)), request_id
+
+
 def _oracle(pipe, family, requests) -> dict[str, list]:
     return {
         r.request_id: [run_stock(pipe, family, r, i, "np") for i in range(r.num_images)] for r in requests
@@ -173,11 +181,7 @@ def test_cancel_mid_flight_frees_the_slot_and_leaves_the_others_unchanged(pipes)
     outcomes += engine.run_until_idle()
     by_id = {o.request_id: o for o in outcomes}
     assert isinstance(by_id[victim].error, RequestCancelledError)
-    for request_id, images in baseline.items():
-        if request_id != victim:
-            assert all(
-                np.array_equal(a, b) for a, b in zip(by_id[request_id].result.images, images, strict=True)
-            )
+    assert_neighbours_unchanged(baseline, by_id, victim)
 
 
 def test_cancel_before_admission_never_runs(pipes):
@@ -253,11 +257,7 @@ def test_a_request_that_breaks_the_unet_fails_alone(pipes, monkeypatch):
         engine.submit(request)
     outcomes = {o.request_id: o for o in engine.run_until_idle()}
     assert isinstance(outcomes[poisoned].error, GenerationError)
-    for request_id, images in baseline.items():
-        if request_id != poisoned:
-            assert all(
-                np.array_equal(a, b) for a, b in zip(outcomes[request_id].result.images, images, strict=True)
-            )
+    assert_neighbours_unchanged(baseline, outcomes, poisoned)
 
 
 def test_a_request_that_fails_admission_fails_alone(pipes, monkeypatch):

@@ -114,20 +114,25 @@ def test_compiled_unet_warmed_up_serves_requests_without_compiling(tiny_registry
             assert np.abs(image - reference).max() <= 1e-3  # inductor's fused kernels round differently
 
 
-def test_requests_admitted_together_share_one_vae_encode(pipes, monkeypatch):
-    pipe = pipes[Family.SD]
+def _record_vae_encodes(pipe, monkeypatch) -> list[int]:
+    """The batch size of every VAE encode from now on (the patch ends with the test)."""
     calls: list[int] = []
     real_encode = pipe.vae.encode
     monkeypatch.setattr(
         pipe.vae, "encode", lambda x, *a, **k: calls.append(x.shape[0]) or real_encode(x, *a, **k)
     )
+    return calls
+
+
+def test_requests_admitted_together_share_one_vae_encode(pipes, monkeypatch):
+    pipe = pipes[Family.SD]
+    calls = _record_vae_encodes(pipe, monkeypatch)
     requests = _requests(Family.SD)
     engine = StepBatchingEngine(pipe, Family.SD, EngineConfig(max_batch_samples=8), output_type="np")
     for request in requests:
         engine.submit(request)
     got = {o.request_id: list(o.result.images) for o in engine.run_until_idle()}
     assert calls == [len(requests)]  # five requests (six samples), one encode
-    monkeypatch.setattr(pipe.vae, "encode", real_encode)
     expected = _oracle(pipe, Family.SD, requests)
     for request_id, images in got.items():
         for image, reference in zip(images, expected[request_id], strict=True):
@@ -136,11 +141,7 @@ def test_requests_admitted_together_share_one_vae_encode(pipes, monkeypatch):
 
 def test_exact_mode_encodes_each_request_alone(pipes, monkeypatch):
     pipe = pipes[Family.SD]
-    calls: list[int] = []
-    real_encode = pipe.vae.encode
-    monkeypatch.setattr(
-        pipe.vae, "encode", lambda x, *a, **k: calls.append(x.shape[0]) or real_encode(x, *a, **k)
-    )
+    calls = _record_vae_encodes(pipe, monkeypatch)
     engine = StepBatchingEngine(pipe, Family.SD, EngineConfig(max_batch_samples=8, exact=True))
     for request in _requests(Family.SD):
         engine.submit(request)
