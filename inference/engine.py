@@ -31,6 +31,7 @@ from inference.families import ADAPTERS, Conditioning, strength_timesteps
 from inference.memory import BucketCaps, is_out_of_memory, release_cached_memory
 from inference.models import Family
 from inference.schedulers import vectorised_step
+from inference.text_policy import check_request_text
 from inference.types import GenerationRequest, GenerationResult, Progress
 
 
@@ -151,7 +152,8 @@ class StepBatchingEngine:
     # ---- called from any thread ------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> None:
-        """Queue a request; it is admitted between steps. Shape errors are raised here, at once."""
+        """Queue a request; it is admitted between steps. Shape and text errors are raised here, at once."""
+        check_request_text(request)  # the APIs' text policy, again: nothing unbounded reaches a tokenizer
         if request.width % self._vae_scale or request.height % self._vae_scale:
             raise InvalidInputError(
                 f"image size {request.width}x{request.height} must be a multiple of {self._vae_scale}",

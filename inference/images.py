@@ -7,6 +7,14 @@ Source images arrive from untrusted callers, so everything here assumes hostile 
 * Sizes are checked before work that scales with them: the byte length before base64-decoding (estimated
   from the base64 length), the pixel count from the lazily read header before any pixel is decoded
   (decompression bombs), so a hostile request costs us a few kilobytes of header parsing at most.
+* Decode *time* is bounded too, not only memory: it is not proportional to bytes (a 71 KB progressive
+  JPEG repeating its last scan 3,000 times costs ~59 s of CPU to decode). The structure walk counts
+  JPEG scans and the samples they code, and JPEG marker segments and PNG chunks (Pillow handles each
+  in Python), and refuses absurd counts before Pillow sees the file. With the byte and pixel limits,
+  that bounds the decode of every accepted format (measured worst cases: RELIABILITY.md).
+* ``inspect_source_image`` does every check that costs no pixel decoding; ``decode_source_image``
+  does the expensive part. The serving layer admits a request (rate and concurrency limits) between
+  the two, so a hostile image costs its tenant quota before it costs us CPU.
 * Truncated files are rejected by our own structural check as well as by Pillow, so the result does not
   depend on ``ImageFile.LOAD_TRUNCATED_IMAGES``, a process-wide flag that any imported library may flip.
 * Every accepted image leaves as 8-bit RGB in its EXIF orientation, the one shape the pipelines take.
@@ -18,10 +26,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import re
 import struct
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps
@@ -33,6 +43,17 @@ MAX_IMAGE_WIDTH = 2048
 MAX_IMAGE_HEIGHT = 2048
 MAX_IMAGE_PIXELS = MAX_IMAGE_WIDTH * MAX_IMAGE_HEIGHT
 SIZE_MULTIPLE = 8  # latent diffusion models downsample by 8; other sizes would be cropped or fail.
+#: Scans in one JPEG. libjpeg's progressive script has 10 (6 for grayscale); encoders that optimise
+#: the script (mozjpeg) stay around 10-20. A scan bomb repeats a scan thousands of times.
+MAX_JPEG_SCANS = 64
+#: Samples all scans of one JPEG may code together, in full frames of the largest allowed image: each
+#: scan revisits every block of its components. A 4:2:0 progressive JPEG of libjpeg codes ~8 frames,
+#: a 4:4:4 one ~14; 32 frames of 2048x2048 decode in about a second here (RELIABILITY.md).
+JPEG_SCAN_FRAMES = 32
+#: JPEG marker segments / PNG chunks in one file: Pillow walks both in Python (~2 us per chunk), so
+#: 10 MB of empty chunks would cost seconds before a pixel is decoded. Real files have tens to a few
+#: thousand (8 KB IDAT chunks of a 10 MB PNG: 1,280).
+MAX_SEGMENTS = 10_000
 DEFAULT_QUALITY = 90
 
 ACCEPTED_FORMATS = ("jpeg", "png", "webp")
@@ -64,16 +85,28 @@ class ImageLimits:
 
     ``max_pixels`` is the decompression-bomb guard, checked against the header before decoding. Pillow's
     own ``Image.MAX_IMAGE_PIXELS`` (about 89 MP) stays in force as an outer bound, so a ``max_pixels``
-    above it has no effect.
+    above it has no effect. ``max_jpeg_scans``, ``max_jpeg_scan_samples`` and ``max_segments`` bound
+    the decode time (scan bombs, chunk floods); see the module docstring.
     """
 
     max_bytes: int = MAX_IMAGE_BYTES
     max_width: int = MAX_IMAGE_WIDTH
     max_height: int = MAX_IMAGE_HEIGHT
     max_pixels: int = MAX_IMAGE_PIXELS
+    max_jpeg_scans: int = MAX_JPEG_SCANS
+    max_jpeg_scan_samples: int = JPEG_SCAN_FRAMES * MAX_IMAGE_PIXELS
+    max_segments: int = MAX_SEGMENTS
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_width", "max_height", "max_pixels"):
+        for name in (
+            "max_bytes",
+            "max_width",
+            "max_height",
+            "max_pixels",
+            "max_jpeg_scans",
+            "max_jpeg_scan_samples",
+            "max_segments",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ImageLimits.{name} must be a positive int, got {value!r}")
@@ -164,36 +197,131 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def _jpeg_complete(data: bytes) -> bool:
-    """True when an end-of-image marker follows the first scan of the main image.
+#: In entropy-coded data 0xFF is followed by 0x00 (a stuffed byte), 0xD0-0xD7 (a restart marker) or
+#: 0xFF (fill); anything else starts the next marker. One pattern, no repetition: linear, in C.
+_JPEG_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+#: Start-of-frame markers (0xC4 DHT, 0xC8 JPG and 0xCC DAC share the range but are not frames).
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _corrupt(fmt: str) -> InvalidImageError:
+    return InvalidImageError(f"The {fmt.upper()} image is truncated or corrupt.", param="image")
+
+
+def _too_complex(what: str, count: int, limit: int) -> InvalidImageError:
+    return InvalidImageError(
+        f"The image has {what} {count} (at most {limit} are accepted); re-encode it with a standard encoder.",
+        param="image",
+        value=count,
+    )
+
+
+def _frame_samples(body: bytes) -> dict[int, int]:
+    """Component id → its sample count, from a start-of-frame segment (sampling factors applied)."""
+    if len(body) < 6:
+        raise _corrupt("jpeg")
+    height, width, count = int.from_bytes(body[1:3], "big"), int.from_bytes(body[3:5], "big"), body[5]
+    specs = [body[6 + 3 * i : 9 + 3 * i] for i in range(count)]
+    if width == 0 or height == 0 or count == 0 or any(len(spec) < 3 for spec in specs):
+        raise _corrupt("jpeg")  # a height defined later by DNL is not supported by libjpeg either
+    factors = [(spec[1] >> 4, spec[1] & 0x0F) for spec in specs]
+    if any(h == 0 or v == 0 for h, v in factors):
+        raise _corrupt("jpeg")
+    h_max, v_max = max(h for h, _ in factors), max(v for _, v in factors)
+    return {
+        spec[0]: -(-width * h // h_max) * -(-height * v // v_max)
+        for spec, (h, v) in zip(specs, factors, strict=True)
+    }
+
+
+def _walk_jpeg(data: bytes, limits: ImageLimits) -> None:
+    """Walk the markers to the end-of-image marker, refusing truncated files and absurd structure.
 
     Markers are walked rather than searched so the EOI of an embedded EXIF thumbnail (inside APP1, before
-    the main scan) does not count; trailers after EOI (some phones append data) are fine.
+    the main scan) does not count; trailers after EOI (some phones append data) are fine. Each scan
+    (SOS) is counted, and so are the samples it codes: libjpeg revisits every block of a scan's
+    components per scan, so a scan bomb (one cheap scan repeated thousands of times) costs CPU in
+    proportion to scans x pixels while its file stays tiny. The walk stops at the first limit it
+    passes, so it costs O(limits), not O(file).
     """
+    components: dict[int, int] = {}
+    scans = samples = segments = 0
     pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return False
+    while True:
+        if pos + 2 > len(data) or data[pos] != 0xFF:
+            raise _corrupt("jpeg")
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
+        if marker == 0xD9:  # end of image
+            if scans == 0:
+                raise _corrupt("jpeg")
+            return
         if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # standalone markers carry no length
             pos += 2
             continue
-        if marker == 0xDA:  # start of scan: entropy-coded data follows, where 0xFFD9 only means EOI
-            return data.find(b"\xff\xd9", pos) >= 0
-        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-    return False
+        segments += 1
+        if segments > limits.max_segments:
+            raise _too_complex("marker segments:", segments, limits.max_segments)
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        end = pos + 2 + length
+        if length < 2 or end > len(data):
+            raise _corrupt("jpeg")
+        body = data[pos + 4 : end]
+        if marker in _JPEG_FRAMES:
+            if components:  # libjpeg refuses a second frame header as well
+                raise _corrupt("jpeg")
+            components = _frame_samples(body)
+        elif marker == 0xDA:  # start of scan: entropy-coded data follows, up to the next marker
+            if not components or not body:
+                raise _corrupt("jpeg")
+            scans += 1
+            if scans > limits.max_jpeg_scans:
+                raise _too_complex("JPEG scans:", scans, limits.max_jpeg_scans)
+            samples += sum(components.get(selector, 0) for selector in body[1 : 1 + 2 * body[0] : 2])
+            if samples > limits.max_jpeg_scan_samples:
+                raise InvalidImageError(
+                    f"The JPEG's {scans} scans code {samples} samples, more than the "
+                    f"{limits.max_jpeg_scan_samples} accepted (a scan bomb?); re-encode it with a standard "
+                    "encoder.",
+                    param="image",
+                    value=scans,
+                )
+            following = _JPEG_NEXT_MARKER.search(data, end)
+            if following is None:
+                raise _corrupt("jpeg")
+            pos = following.start()
+            continue
+        pos = end
 
 
-def _is_complete(data: bytes, fmt: str) -> bool:
-    """A structural check that the file was not cut short, independent of LOAD_TRUNCATED_IMAGES."""
+def _walk_png(data: bytes, limits: ImageLimits) -> None:
+    """Walk the chunks to IEND, refusing truncated framing and chunk floods (Pillow reads each chunk
+    in Python: 800,000 empty chunks in 10 MB cost ~2 s before any pixel)."""
+    pos, chunks = len(_PNG_MAGIC), 0
+    while pos + 12 <= len(data):
+        chunks += 1
+        if chunks > limits.max_segments:
+            raise _too_complex("PNG chunks:", chunks, limits.max_segments)
+        length, kind = int.from_bytes(data[pos : pos + 4], "big"), data[pos + 4 : pos + 8]
+        pos += 12 + length
+        if kind == b"IEND":
+            if pos <= len(data):
+                return
+            break
+    raise _corrupt("png")
+
+
+def _check_structure(data: bytes, fmt: str, limits: ImageLimits) -> None:
+    """Complete (independent of LOAD_TRUNCATED_IMAGES) and not built to make the decoder spin."""
     if fmt == "png":
-        return data.rfind(b"IEND") > 0
-    if fmt == "webp":
-        return len(data) >= 8 + int.from_bytes(data[4:8], "little")
-    return _jpeg_complete(data)
+        _walk_png(data, limits)
+    elif fmt == "webp":  # one RIFF chunk; libwebp parses the frames inside it in C
+        if len(data) < 8 + int.from_bytes(data[4:8], "little"):
+            raise _corrupt("webp")
+    else:
+        _walk_jpeg(data, limits)
 
 
 def _check_dimensions(width: int, height: int, limits: ImageLimits) -> None:
@@ -233,27 +361,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_source_image(data: bytes, limits: ImageLimits | None = None) -> SourceImage:
-    """Validate and decode an untrusted source image into an 8-bit RGB ``SourceImage``.
+@dataclass(frozen=True)
+class ImageHeader:
+    """What ``inspect_source_image`` learnt without decoding a pixel: the sniffed format and the stored
+    size (before EXIF orientation)."""
 
-    Checks run cheapest-first: byte length, magic bytes, completeness, then the header's dimensions and
-    pixel count before a single pixel is decoded. Animated WebP/APNG yield their first frame, which is
-    what a still-image model can use. The width/height limits apply to the EXIF-oriented image.
-    """
-    limits = limits or ImageLimits()
+    format: str
+    width: int
+    height: int
+    byte_size: int
+
+
+def _as_bytes(data: object) -> bytes:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidImageError("Image must be bytes.", param="image")
-    data = bytes(data)
-    if len(data) > limits.max_bytes:
-        raise _too_large(len(data), limits.max_bytes)
-    fmt = sniff_format(data)
-    if fmt is None:
-        raise InvalidImageError(
-            f"Unsupported or unrecognised image format; accepted formats are {_accepted_list()}.",
-            param="image",
-        )
-    if not _is_complete(data, fmt):
-        raise InvalidImageError(f"The {fmt.upper()} image is truncated or corrupt.", param="image")
+    return bytes(data)
+
+
+@contextlib.contextmanager
+def _opened(data: bytes, fmt: str) -> Iterator[Image.Image]:
+    """Pillow's lazy open, with Pillow's and every decoder's errors turned into ours."""
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; we want a refusal either way.
@@ -261,25 +388,7 @@ def load_source_image(data: bytes, limits: ImageLimits | None = None) -> SourceI
             # this warning as an error, which is the policy we want everywhere anyway.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[fmt]]) as opened:
-                width, height = opened.size
-                # Orientation is unknown until EXIF is read (which decodes PNGs), so allow either way here;
-                # the oriented size is checked exactly below.
-                if not (width <= limits.max_width and height <= limits.max_height) and not (
-                    height <= limits.max_width and width <= limits.max_height
-                ):
-                    _check_dimensions(width, height, limits)
-                # Bomb guard from the lazily read header, before .load() decodes anything.
-                if width * height > limits.max_pixels:
-                    raise ImageDimensionsError(
-                        f"Image is {width}x{height} pixels ({width * height} pixels); the maximum is "
-                        f"{limits.max_pixels} pixels.",
-                        param="image",
-                        value=(width, height),
-                    )
-                opened.seek(0)
-                opened.load()
-                image = ImageOps.exif_transpose(opened)
-                image = to_rgb(image)
+                yield opened
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDimensionsError(
             f"Image has too many pixels to decode safely: {exc}", param="image"
@@ -292,8 +401,72 @@ def load_source_image(data: bytes, limits: ImageLimits | None = None) -> SourceI
             param="image",
             details=f"{type(exc).__name__}: {exc}",
         ) from None
+
+
+def inspect_source_image(data: bytes, limits: ImageLimits | None = None) -> ImageHeader:
+    """Every check that decodes no pixel: byte length, magic bytes, structure (complete, scan and
+    chunk counts), then the header's dimensions and pixel count (decompression bombs).
+
+    Cheap by construction (it stops at the first limit it passes), so the serving layer runs it before
+    admitting a request and ``decode_source_image`` after.
+    """
+    limits = limits or ImageLimits()
+    data = _as_bytes(data)
+    if len(data) > limits.max_bytes:
+        raise _too_large(len(data), limits.max_bytes)
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise InvalidImageError(
+            f"Unsupported or unrecognised image format; accepted formats are {_accepted_list()}.",
+            param="image",
+        )
+    _check_structure(data, fmt, limits)
+    with _opened(data, fmt) as opened:
+        width, height = opened.size
+    # Orientation is unknown until EXIF is read (which decodes PNGs), so allow either way here; the
+    # oriented size is checked exactly after decoding.
+    if not (width <= limits.max_width and height <= limits.max_height) and not (
+        height <= limits.max_width and width <= limits.max_height
+    ):
+        _check_dimensions(width, height, limits)
+    if width * height > limits.max_pixels:  # bomb guard, from the lazily read header
+        raise ImageDimensionsError(
+            f"Image is {width}x{height} pixels ({width * height} pixels); the maximum is "
+            f"{limits.max_pixels} pixels.",
+            param="image",
+            value=(width, height),
+        )
+    return ImageHeader(format=fmt, width=width, height=height, byte_size=len(data))
+
+
+def decode_source_image(data: bytes, header: ImageHeader, limits: ImageLimits | None = None) -> SourceImage:
+    """Decode bytes that ``inspect_source_image`` passed (``header`` is its answer) into 8-bit RGB.
+
+    Animated WebP/APNG yield their first frame, which is what a still-image model can use. The
+    width/height limits apply to the EXIF-oriented image.
+    """
+    limits = limits or ImageLimits()
+    data = _as_bytes(data)
+    with _opened(data, header.format) as opened:
+        if opened.size != (header.width, header.height):  # not the bytes that were inspected
+            raise InvalidImageError("The image changed between inspection and decoding.", param="image")
+        opened.seek(0)
+        opened.load()
+        image = to_rgb(ImageOps.exif_transpose(opened))
     _check_dimensions(image.width, image.height, limits)
-    return SourceImage(image=image, format=fmt, width=image.width, height=image.height, byte_size=len(data))
+    return SourceImage(
+        image=image, format=header.format, width=image.width, height=image.height, byte_size=len(data)
+    )
+
+
+def load_source_image(data: bytes, limits: ImageLimits | None = None) -> SourceImage:
+    """Validate and decode an untrusted source image into an 8-bit RGB ``SourceImage``.
+
+    ``inspect_source_image`` (cheapest checks first, no pixel decoded) then ``decode_source_image``.
+    """
+    limits = limits or ImageLimits()
+    data = _as_bytes(data)
+    return decode_source_image(data, inspect_source_image(data, limits), limits)
 
 
 def load_source_data_url(text: str, limits: ImageLimits | None = None) -> SourceImage:

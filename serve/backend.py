@@ -16,7 +16,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from inference.errors import GenerationError, InferenceError
-from inference.images import ImageLimits
+from inference.images import ImageLimits, SourceImage
 from inference.types import GenerationRequest, GenerationResult, Progress
 from serve.config import AppArgs, ModelDeployment, Secrets, build_store
 from serve.errors import GenerationTimeoutError, ModelUnavailableError, OverloadedError
@@ -160,8 +160,13 @@ class RayJobs(_Remote):
 
     name = "job coordinator"
 
-    async def accept(self, record: JobRecord, idempotency: tuple[str, str] | None = None) -> str:
-        return await self._call("accept", record, idempotency)
+    async def accept(
+        self,
+        record: JobRecord,
+        idempotency: tuple[str, str] | None = None,
+        source: SourceImage | None = None,
+    ) -> str:
+        return await self._call("accept", record, idempotency, source)  # the decoded source: decode once
 
     async def cancel(self, tenant: str, job_id: str) -> JobRecord:
         return await self._call("cancel", tenant, job_id)
@@ -184,7 +189,9 @@ def build_service(
         backend=RayModelBackend(model_handles, parsed.models, parsed.request_timeout_s),
         store=store or build_store(parsed, secrets),
         fetch_policy=FetchPolicy(
-            allow_networks=parsed.fetch.allow_networks, total_timeout_s=parsed.fetch.timeout_s
+            allow_networks=parsed.fetch.allow_networks,
+            total_timeout_s=parsed.fetch.timeout_s,
+            allow_plain_http_webhooks=parsed.webhooks.allow_plain_http,
         ),
         image_limits=ImageLimits(),
         url_expiry_s=parsed.storage.url_expiry_s,

@@ -14,6 +14,8 @@ still names the field and the rule.
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -23,9 +25,35 @@ from inference.engine_config import EngineConfig, OptimizeConfig
 from inference.models import GUIDED_ROWS, ModelRegistry, ModelSpec
 from serve.cors import CorsPolicy
 from serve.storage import LocalObjectStore, S3ObjectStore
-from serve.tenants import Tenant, TenantDirectory
+from serve.tenants import Tenant, TenantDirectory, check_tenant_name
 
 PLACEHOLDERS = {"changeme", "change-me", "changethis", "secret", "password", "placeholder", "xxx", "todo"}
+MIN_API_KEY_LENGTH = 16
+MIN_API_KEY_BITS = 50  # a random 16-character URL-safe key scores ~57-64; repeated or short text far less
+KEY_HINT = (
+    "generate keys with `img2img-admin issue-key TENANT` (stored tenants) or "
+    "`python -c \"import secrets; print('sk-' + secrets.token_urlsafe(24))\"`"
+)
+
+
+def key_strength_bits(key: str) -> float:
+    """A cheap entropy estimate: length x the Shannon entropy of the key's own characters. It catches
+    short, repeated and low-variety keys (``aaaa...``, ``abab...``, ``passwordpassword``); it cannot
+    tell a dictionary phrase from randomness, so generate keys rather than type them."""
+    counts = Counter(key)
+    return -sum(n * math.log2(n / len(key)) for n in counts.values()) if key else 0.0
+
+
+def check_api_key(key: str, owner: str) -> None:
+    """Start-up policy for keys given in plain (``IMG2IMG_API_KEYS``, ``IMG2IMG_DEV_API_KEY``); the
+    error names the tenant, never the key."""
+    bits = key_strength_bits(key)
+    if len(key) < MIN_API_KEY_LENGTH or bits < MIN_API_KEY_BITS or key.strip().lower() in PLACEHOLDERS:
+        raise ValueError(
+            f"the API key of tenant {owner!r} is too weak ({len(key)} characters, ~{bits:.0f} bits "
+            f"estimated): keys need at least {MIN_API_KEY_LENGTH} characters and ~{MIN_API_KEY_BITS} bits "
+            f"(no long repeats); {KEY_HINT}"
+        )
 
 
 class _Strict(BaseModel):
@@ -169,6 +197,23 @@ class WebhookArgs(_Strict):
     first_delay_s: float = Field(1.0, ge=0)
     max_delay_s: float = Field(60.0, ge=0)
     timeout_s: float = Field(10.0, gt=0)
+    shared_secret: bool = Field(
+        False,
+        description=(
+            "opt in to sign with IMG2IMG_WEBHOOK_SECRET itself for tenants without their own secret "
+            "(every such tenant can then forge the others' deliveries); default: a per-tenant secret "
+            "derived from it"
+        ),
+    )
+    # Transport policy (serve.webhooks): targets must be https; a plain-http target is refused with a
+    # 400 at submission unless it is a literal address inside fetch.allow_networks (tests, labs).
+    allow_plain_http: bool = Field(
+        False,
+        description=(
+            "deliver webhooks to plain-http targets too (signed job results and image links then travel "
+            "unencrypted); off by default: http webhook_url values are refused with a 400"
+        ),
+    )
 
 
 class AppArgs(_Strict):
@@ -199,7 +244,13 @@ class Secrets(BaseSettings):
     dev_api_key: SecretStr | None = Field(None, description="one key for the 'dev' tenant (local runs)")
     api_keys: dict[str, str] = Field(default_factory=dict, repr=False, description="JSON {key: tenant}")
     url_signing_key: SecretStr | None = Field(None, description="HMAC key for local-store URLs")
-    webhook_secret: SecretStr | None = Field(None, description="HMAC key that signs webhook deliveries")
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description=(
+            "server key: a tenant without its own webhook secret signs with HMAC(this, tenant name); "
+            "used as one shared secret only with webhooks.shared_secret: true"
+        ),
+    )
     s3_endpoint: str | None = None
     s3_public_endpoint: str | None = None
     s3_access_key: str | None = None
@@ -214,6 +265,22 @@ class Secrets(BaseSettings):
         if plain is not None and (plain.lower() in PLACEHOLDERS or len(plain) < 8):
             raise ValueError("is a placeholder or shorter than 8 characters: set a real secret")
         return value
+
+    @field_validator("dev_api_key")
+    @classmethod
+    def _strong_dev_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_api_key(value.get_secret_value(), "dev")
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _strong_keys_for_valid_tenants(cls, keys: dict[str, str]) -> dict[str, str]:
+        """IMG2IMG_API_KEYS is JSON ``{key: tenant}``: every tenant a valid name, every key strong."""
+        for key, tenant in keys.items():
+            check_tenant_name(tenant)
+            check_api_key(key, tenant)
+        return keys
 
     def keys(self, required: bool = True) -> dict[str, str]:
         keys = dict(self.api_keys)

@@ -12,6 +12,7 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
+from inference.images import SourceImage
 from serve.backend import build_service
 from serve.config import AppArgs, Secrets, build_store, configured_tenants
 from serve.governor import Limits, TenantGovernor
@@ -43,13 +44,21 @@ class JobCoordinator:
             service,
             JobStore(service.store),
             webhook_secret=webhook_secret,
+            webhook_shared_secret=parsed.webhooks.shared_secret,
             tenant_lookup=self._tenants.lookup,
-            webhook_policy=WebhookPolicy(**parsed.webhooks.model_dump()),
+            webhook_policy=WebhookPolicy(
+                **parsed.webhooks.model_dump(exclude={"allow_plain_http", "shared_secret"})
+            ),
             fetch_policy=service.fetch_policy,
         )
 
-    async def accept(self, record: JobRecord, idempotency: tuple[str, str] | None = None) -> str:
-        return await self._runner.accept(record, idempotency)
+    async def accept(
+        self,
+        record: JobRecord,
+        idempotency: tuple[str, str] | None = None,
+        source: SourceImage | None = None,
+    ) -> str:
+        return await self._runner.accept(record, idempotency, source)
 
     async def cancel(self, tenant: str, job_id: str) -> JobRecord:
         return await self._runner.cancel(tenant, job_id)

@@ -15,12 +15,15 @@ from typing import Protocol
 
 from inference.errors import InvalidImageError, InvalidInputError
 from inference.images import (
+    ImageHeader,
     ImageLimits,
     SourceImage,
     content_type,
     decode_data_url,
+    decode_source_image,
     encode_image,
     file_extension,
+    inspect_source_image,
     load_source_image,
     output_size,
     prepare_source,
@@ -150,41 +153,70 @@ class GenerationService:
     admission: Admission | None = None
     tenant_lookup: Callable[[str], Tenant | None] = lambda name: None
 
-    async def load_source(self, image: str, param: str = "image") -> tuple[SourceImage, bytes]:
-        """Decode a data URL or download an http(s) URL, then validate the bytes (size, format, bombs)."""
+    async def fetch_source(self, image: str, param: str = "image") -> bytes:
+        """The source's bytes: a data URL decoded (size checked from its length first) or an http(s) URL
+        downloaded under the fetch policy. No image decoding happens here."""
         text = image.strip()
         try:
             if text.lower().startswith("data:"):
-                data = decode_data_url(text, self.image_limits.max_bytes)
-            elif text.lower().startswith(("http://", "https://")):
-                data = await fetch_image(text, self.fetch_policy, param=param)
-            else:
-                raise InvalidImageError(
-                    "image must be an http(s) URL or a data URL (data:image/png;base64,...)"
-                )
-            return await asyncio.to_thread(load_source_image, data, self.image_limits), data
+                return decode_data_url(text, self.image_limits.max_bytes)
+            if text.lower().startswith(("http://", "https://")):
+                return await fetch_image(text, self.fetch_policy, param=param)
+            raise InvalidImageError("image must be an http(s) URL or a data URL (data:image/png;base64,...)")
         except InvalidInputError as error:
             error.param = param  # each API names its own field (node: source_image)
             raise
 
+    async def inspect_source(self, data: bytes, param: str = "image") -> ImageHeader:
+        """The cheap checks (format, structure, scan and chunk counts, header size): no pixel decoded."""
+        try:
+            return await asyncio.to_thread(inspect_source_image, data, self.image_limits)
+        except InvalidInputError as error:
+            error.param = param
+            raise
+
+    async def decode_source(self, data: bytes, header: ImageHeader, param: str = "image") -> SourceImage:
+        """The expensive part, for bytes ``inspect_source`` passed: the decode, bounded by its limits."""
+        try:
+            return await asyncio.to_thread(decode_source_image, data, header, self.image_limits)
+        except InvalidInputError as error:
+            error.param = param
+            raise
+
+    async def load_source(self, image: str, param: str = "image") -> tuple[SourceImage, bytes]:
+        """Fetch, inspect and decode a source in one go (no admission in between)."""
+        data = await self.fetch_source(image, param)
+        header = await self.inspect_source(data, param)
+        return await self.decode_source(data, header, param), data
+
     async def prepare(self, job: GenerationJob) -> PreparedJob:
         """Check everything that can be the caller's fault (model, plan, source image, size, limits).
 
-        Fixes the seed. The job is admitted against its tenant's limits last, so a refused request
-        costs no quota; from here on, ``release`` must be called once the job ends.
+        Fixes the seed. The job is admitted against its tenant's limits after every cheap check (a
+        request refused by those costs no quota) and BEFORE the source's pixels are decoded, the one
+        step whose cost an attacker controls: a flood of hostile images is stopped by the tenant's
+        rate and concurrency limits, not paid for in CPU. From admission on, ``release`` must be
+        called once the job ends (this method does it itself if the decode fails).
         """
         spec = self.registry.get(job.model)
         tenant = self.tenant_lookup(job.tenant)
         if tenant is not None:
             self._check_plan(tenant, spec.id, job.num_images)
-        source, source_bytes = await self.load_source(job.image, job.image_param)
-        output_size(source.width, source.height, job.width, job.height, min(spec.max_side, 2048))
+        source_bytes = await self.fetch_source(job.image, job.image_param)
+        header = await self.inspect_source(source_bytes, job.image_param)
+        # Only the requested width/height can fail here; EXIF orientation cannot change that.
+        output_size(header.width, header.height, job.width, job.height, min(spec.max_side, 2048))
         seed = job.seed if job.seed is not None else self.seed_source()
         if self.admission is not None:
             limits = (
                 Limits(tenant.rate_limit_images_per_minute, tenant.concurrency_limit) if tenant else Limits()
             )
             await self.admission.admit(job.tenant, job.job_id, job.num_images, limits)
+        try:
+            source = await self.decode_source(source_bytes, header, job.image_param)
+        except BaseException:
+            await self.release(job, None)
+            raise
         return PreparedJob(replace(job, seed=seed), spec, source, source_bytes)
 
     @staticmethod
@@ -205,11 +237,21 @@ class GenerationService:
             usage = done.usage() if done is not None else {"requests": 1}
             await self.admission.release(job.tenant, job.job_id, usage)
 
-    async def restore(self, job: GenerationJob, source_key: str) -> PreparedJob:
-        """A prepared job again, from its stored source (an asynchronous job resumed by another process)."""
+    async def restore(
+        self, job: GenerationJob, source_key: str, source: SourceImage | None = None
+    ) -> PreparedJob:
+        """A prepared job again, from its stored source (an asynchronous job run by the coordinator).
+
+        ``source`` is the image the ingress already decoded, handed over with the job: then nothing is
+        read or decoded again (decode once). Without it (a job resumed after a restart) the stored
+        bytes are decoded under the same limits as at the ingress, which they passed there.
+        """
+        spec = self.registry.get(job.model)
+        if source is not None:
+            return PreparedJob(job, spec, source, b"", source_key)  # the bytes are in the store already
         data = await self.store.get(source_key)
         source = await asyncio.to_thread(load_source_image, data, self.image_limits)
-        return PreparedJob(job, self.registry.get(job.model), source, data, source_key)
+        return PreparedJob(job, spec, source, data, source_key)
 
     async def store_source(self, prepared: PreparedJob) -> PreparedJob:
         if prepared.source_key is not None:
@@ -218,6 +260,12 @@ class GenerationService:
         key = object_key(prepared.job.tenant, prepared.job.job_id, "source", ext, now=prepared.job.created_at)
         await self.store.put(key, prepared.source_bytes, content_type(prepared.source.format))
         return replace(prepared, source_key=key)
+
+    async def discard_source(self, prepared: PreparedJob) -> None:
+        """Delete the stored source of a job that will never run (a concurrent request with the same
+        Idempotency-Key won the key), so a replay leaves no orphaned object behind."""
+        if prepared.source_key is not None:
+            await self.store.delete(prepared.source_key)
 
     def build_request(self, prepared: PreparedJob) -> GenerationRequest:
         job, spec, source = prepared.job, prepared.model, prepared.source

@@ -4,8 +4,11 @@ One ``TenantGovernor`` runs in one Serve replica (``GovernorDeployment``), so it
 in-flight counts hold across ingress replicas without a database. A request is admitted once, when
 it is accepted (synchronous or asynchronous), and released when it finishes, carrying its usage:
 requests, images, denoising steps and compute seconds (the request's share of each batched step).
-Usage is kept in hourly buckets, written to the object store (``_usage/{tenant}/{hour}.json``) so it
-outlives the replica, and exported as per-tenant Prometheus counters.
+Usage is kept in hourly buckets, rolled up one object per tenant and UTC day in the object store
+(``_usage/{tenant}/{YYYY-MM-DD}.json``, its hours inside) so it outlives the replica and a usage query
+reads at most one object per day it spans (32 for the longest, 31-day range; it was one per hour, 745),
+and exported as per-tenant Prometheus counters. Hour files of the earlier layout
+(``_usage/{tenant}/{YYYY-MM-DDTHH}.json``) are no longer read.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ def _hour(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H")
 
 
+def _day_key(tenant: str, day: str) -> str:
+    return f"_usage/{tenant}/{day}.json"
+
+
 @dataclass
 class TenantGovernor:
     store: ObjectStore | None = None
@@ -55,8 +62,10 @@ class TenantGovernor:
     metrics: object | None = None
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
     _in_flight: dict[str, dict[str, float]] = field(default_factory=dict)
-    _usage: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
-    _dirty: set[tuple[str, str]] = field(default_factory=set)
+    #: (tenant, hour) -> usage not yet written to the store
+    _unsaved: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    #: (tenant, day) -> {hour: totals}: the day objects this governor wrote (today's and yesterday's)
+    _days: dict[tuple[str, str], dict[str, dict[str, float]]] = field(default_factory=dict)
 
     def admit(self, tenant: str, request_id: str, images: int, limits: Limits) -> None:
         """Count ``request_id`` against the tenant's limits, or raise RateLimitedError."""
@@ -89,37 +98,64 @@ class TenantGovernor:
         self._in_flight.get(tenant, {}).pop(request_id, None)
         if usage:
             slot = (tenant, _hour(datetime.now(UTC)))
-            totals = self._usage.setdefault(slot, dict.fromkeys(USAGE_FIELDS, 0.0))
+            totals = self._unsaved.setdefault(slot, dict.fromkeys(USAGE_FIELDS, 0.0))
             for name in USAGE_FIELDS:
                 totals[name] += float(usage.get(name, 0.0))
-            self._dirty.add(slot)
             if self.metrics is not None:
                 self.metrics.tenant_usage(tenant, usage)
 
+    async def _read_day(self, tenant: str, day: str) -> dict[str, dict[str, float]]:
+        cached = self._days.get((tenant, day))
+        if cached is not None:
+            return cached
+        if self.store is None:
+            return {}
+        try:
+            return json.loads(await self.store.get(_day_key(tenant, day)))["hours"]
+        except ObjectNotFoundError:
+            return {}
+
     async def flush(self) -> None:
-        """Write the hourly buckets that changed since the last flush."""
+        """Add the usage recorded since the last flush to each (tenant, day) object it belongs to."""
         if self.store is None:
             return
-        for tenant, hour in list(self._dirty):
-            data = json.dumps(self._usage[(tenant, hour)]).encode()
-            await self.store.put(f"_usage/{tenant}/{hour}.json", data, "application/json")
-            self._dirty.discard((tenant, hour))
+        for tenant, day in sorted({(tenant, hour[:10]) for tenant, hour in self._unsaved}):
+            hours = {hour: dict(totals) for hour, totals in (await self._read_day(tenant, day)).items()}
+            taken = {
+                h: self._unsaved.pop((t, h)) for t, h in list(self._unsaved) if t == tenant and h[:10] == day
+            }
+            for hour, delta in taken.items():
+                totals = hours.setdefault(hour, dict.fromkeys(USAGE_FIELDS, 0.0))
+                for name in USAGE_FIELDS:
+                    totals[name] += delta[name]
+            try:
+                data = json.dumps({"hours": hours}, sort_keys=True).encode()
+                await self.store.put(_day_key(tenant, day), data, "application/json")
+            except BaseException:  # not written: keep the usage for the next flush
+                for hour, delta in taken.items():
+                    totals = self._unsaved.setdefault((tenant, hour), dict.fromkeys(USAGE_FIELDS, 0.0))
+                    for name in USAGE_FIELDS:
+                        totals[name] += delta[name]
+                raise
+            self._days[(tenant, day)] = hours
+        oldest = (datetime.now(UTC) - timedelta(days=1)).strftime("%Y-%m-%d")
+        for key in [key for key in self._days if key[1] < oldest]:
+            del self._days[key]
 
     async def usage(self, tenant: str, start: datetime, end: datetime) -> dict[str, float]:
-        """The tenant's totals over whole hours from ``start`` to ``end`` (memory first, then the store)."""
+        """The tenant's totals over whole hours from ``start`` to ``end``: one store read per UTC day
+        spanned (none for days this governor wrote), plus what is not flushed yet."""
         totals = dict.fromkeys(USAGE_FIELDS, 0.0)
         moment = start.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+        hours: list[str] = []
         while moment <= end:
-            hour = _hour(moment)
-            bucket = self._usage.get((tenant, hour))
-            if bucket is None and self.store is not None:
-                try:
-                    bucket = json.loads(await self.store.get(f"_usage/{tenant}/{hour}.json"))
-                except ObjectNotFoundError:
-                    bucket = None
-            for name in USAGE_FIELDS:
-                totals[name] += (bucket or {}).get(name, 0.0)
+            hours.append(_hour(moment))
             moment += timedelta(hours=1)
+        days = {day: await self._read_day(tenant, day) for day in sorted({hour[:10] for hour in hours})}
+        for hour in hours:
+            for bucket in (days[hour[:10]].get(hour), self._unsaved.get((tenant, hour))):
+                for name in USAGE_FIELDS:
+                    totals[name] += (bucket or {}).get(name, 0.0)
         return totals
 
     def in_flight(self, tenant: str) -> int:

@@ -19,12 +19,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 from inference.errors import GenerationError, InferenceError, InvalidInputError
+from inference.images import SourceImage
 from inference.types import Progress
+from serve.api.errors import public_fields
 from serve.fetch import FetchPolicy
 from serve.generation import CompletedJob, GenerationJob, GenerationService
-from serve.jobs import JobRecord, JobState, JobStore, StoredOutput
+from serve.jobs import (
+    IdempotencyConflictError,  # noqa: F401 (re-exported from its former home)
+    JobRecord,
+    JobState,
+    JobStore,
+    StoredOutput,
+)
 from serve.tenants import Tenant
-from serve.webhooks import WebhookPolicy, deliver
+from serve.webhooks import NO_SECRET, WebhookPolicy, deliver, webhook_payload, webhook_secret_for
 
 logger = logging.getLogger("serve.jobs")
 
@@ -34,12 +42,6 @@ MAX_RUNS = 3
 REPLICA_WAIT_S = 120.0  # how long a retry waits for the model (or the store) to answer again
 STORAGE_OUTAGE_RETRIES = 10  # storage failing the record itself: wait and start the job over this often
 PROGRESS_SAVE_INTERVAL_S = 1.0
-
-
-class IdempotencyConflictError(InvalidInputError):
-    """The Idempotency-Key was used before with a different request body (HTTP 409)."""
-
-    code = "idempotency_conflict"
 
 
 class JobNotFoundError(InvalidInputError):
@@ -67,7 +69,8 @@ def job_from_fields(data: dict[str, Any]) -> GenerationJob:
 class JobRunner:
     service: GenerationService
     jobs: JobStore
-    webhook_secret: bytes | None = field(default=None, repr=False)
+    webhook_secret: bytes | None = field(default=None, repr=False)  # server key (IMG2IMG_WEBHOOK_SECRET)
+    webhook_shared_secret: bool = False  # webhooks.shared_secret: sign with the server key itself
     webhook_policy: WebhookPolicy = field(default_factory=WebhookPolicy)
     fetch_policy: FetchPolicy = field(default_factory=FetchPolicy)
     tenant_lookup: Callable[[str], Tenant | None] = lambda name: None
@@ -75,28 +78,34 @@ class JobRunner:
     def __post_init__(self) -> None:
         self._tasks: dict[str, asyncio.Task] = {}
         self._done: dict[str, asyncio.Event] = {}
+        self._sources: dict[str, SourceImage] = {}  # decoded at the ingress, used once by _execute
         self._lock = asyncio.Lock()
         self._resumed = False
 
     # ---- entry points (each an RPC of the coordinator deployment) ------------------------------
 
-    async def accept(self, record: JobRecord, idempotency: tuple[str, str] | None = None) -> str:
-        """Persist and start ``record``; with (key, fingerprint), a replay returns the original job id."""
+    async def accept(
+        self,
+        record: JobRecord,
+        idempotency: tuple[str, str] | None = None,
+        source: SourceImage | None = None,
+    ) -> str:
+        """Persist and start ``record``; with (key, fingerprint), a replay returns the original job id.
+
+        ``source`` is the source image the ingress decoded: the job runs on it instead of decoding the
+        stored copy again (decode once). A job resumed after a restart has none and decodes the store's.
+        """
         await self.resume()
         async with self._lock:
             if idempotency is not None:
-                key, body_fingerprint = idempotency
-                bound = await self.jobs.idempotent_job(record.tenant, key)
+                bound = await self.jobs.replayed_job(record.tenant, *idempotency)
                 if bound is not None:
-                    if bound[0] != body_fingerprint:
-                        raise IdempotencyConflictError(
-                            "this Idempotency-Key was already used with a different request body",
-                            param="Idempotency-Key",
-                        )
-                    return bound[1]
+                    return bound
             await self.jobs.save(record)
             if idempotency is not None:
                 await self.jobs.bind_idempotency(record.tenant, idempotency[0], idempotency[1], record.id)
+            if source is not None:
+                self._sources[record.id] = source
             self._start(record.tenant, record.id)
         return record.id
 
@@ -168,6 +177,7 @@ class JobRunner:
                     await self._storage_back(REPLICA_WAIT_S)
             logger.error("job %s: storage stayed down; the job stays pending and resumes on restart", job_id)
         finally:
+            self._sources.pop(job_id, None)
             event = self._done.pop(job_id, None)
             if event is not None:
                 event.set()
@@ -196,7 +206,9 @@ class JobRunner:
             await self._finish(record, JobState.FAILED)
 
     async def _execute(self, record: JobRecord) -> None:
-        prepared = await self.service.restore(job_from_fields(record.job), record.source_key)
+        prepared = await self.service.restore(
+            job_from_fields(record.job), record.source_key, self._sources.pop(record.id, None)
+        )
         last_save = 0.0
 
         async def on_progress(progress: Progress) -> None:
@@ -220,7 +232,10 @@ class JobRunner:
                     else:
                         await self._model_ready(prepared.model.id, REPLICA_WAIT_S)
                     continue
-                record.error = {"code": error.code, "message": error.message, "details": error.details}
+                # The job object is client-facing (GET, SSE, webhooks): its error is the public one;
+                # what really happened is logged here, once.
+                logger.warning("job %s failed: %s: %s", record.id, error.code, error)
+                record.error = public_fields(error)
                 await self._finish(record, JobState.FAILED)
                 return
             record.images = [StoredOutput(key=i.key, width=i.width, height=i.height) for i in done.images]
@@ -264,15 +279,22 @@ class JobRunner:
 
     async def _notify(self, record: JobRecord) -> None:
         tenant = self.tenant_lookup(record.tenant)
-        secret = tenant.webhook_secret.encode() if tenant and tenant.webhook_secret else self.webhook_secret
+        secret = webhook_secret_for(  # the tenant's own secret; a shared one only by explicit opt-in
+            record.tenant,
+            tenant.webhook_secret if tenant else None,
+            self.webhook_secret,
+            shared=self.webhook_shared_secret,
+        )
         if secret is None:
-            record.webhook.attempts.append({"error": "webhooks are not configured (IMG2IMG_WEBHOOK_SECRET)"})
+            record.webhook.attempts.append({"error": NO_SECRET, "code": "no_secret"})
             record.webhook.status = "failed"
             await self.jobs.save(record)
             return
         from serve.api.job_views import job_object  # the same object GET returns
 
-        payload = await job_object(record, self.service.store, self.service.url_expiry_s)
+        payload = webhook_payload(
+            await job_object(record, self.service.store, self.service.url_expiry_s), record.tenant
+        )
 
         async def on_attempt(attempt) -> None:
             record.webhook.attempts.append(attempt.as_dict())

@@ -22,7 +22,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from inference.errors import InvalidInputError
 from serve.storage import ObjectNotFoundError, ObjectStore
+
+
+class IdempotencyConflictError(InvalidInputError):
+    """The Idempotency-Key was used before with a different request body (HTTP 409)."""
+
+    code = "idempotency_conflict"
 
 
 class JobState(enum.StrEnum):
@@ -136,6 +143,19 @@ class JobStore:
         except ObjectNotFoundError:
             return None
         return data["fingerprint"], data["job_id"]
+
+    async def replayed_job(self, tenant: str, key: str, body_fingerprint: str) -> str | None:
+        """The job id already bound to this Idempotency-Key for the same body, None if the key is new;
+        ``IdempotencyConflictError`` if it was used with another body. One small read: the ingress
+        asks this before it fetches, decodes, stores or charges anything for the request."""
+        bound = await self.idempotent_job(tenant, key)
+        if bound is None:
+            return None
+        if bound[0] != body_fingerprint:
+            raise IdempotencyConflictError(
+                "this Idempotency-Key was already used with a different request body", param="Idempotency-Key"
+            )
+        return bound[1]
 
     async def bind_idempotency(self, tenant: str, key: str, body_fingerprint: str, job_id: str) -> None:
         data = json.dumps({"fingerprint": body_fingerprint, "job_id": job_id}).encode()

@@ -8,6 +8,7 @@ answers 503 (our fault, retry later) instead of leaking SDK exceptions.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import hmac
 import io
@@ -38,6 +39,10 @@ class StorageUnavailableError(GenerationError):
     """The object store could not be reached or refused us: a server-side fault (HTTP 503)."""
 
     code = "storage_unavailable"
+
+
+class ConcurrentWriteError(Exception):
+    """A conditional write lost: the object changed (or appeared) since it was read. Read it again."""
 
 
 class ObjectNotFoundError(KeyError):
@@ -113,6 +118,17 @@ class ObjectStore(Protocol):
 
     async def list(self, prefix: str) -> list[str]:
         """Every key starting with ``prefix`` (a string prefix, as in S3), sorted."""
+        ...
+
+    # Conditional writes (optimistic concurrency), for records edited by more than one writer.
+
+    async def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """The object and its version (an ETag); ``ObjectNotFoundError`` if missing."""
+        ...
+
+    async def put_if(self, key: str, data: bytes, content_type: str, *, version: str | None) -> str:
+        """Write only if the object is still at ``version`` (``None``: only if it does not exist yet);
+        else raise ``ConcurrentWriteError``. Returns the new version."""
         ...
 
 
@@ -206,7 +222,10 @@ class S3ObjectStore:
         await self._call("store an object", put)
 
     async def get(self, key: str) -> bytes:
-        def get() -> bytes:
+        return (await self.get_versioned(key))[0]
+
+    async def get_versioned(self, key: str) -> tuple[bytes, str]:
+        def get() -> tuple[bytes, str]:
             try:
                 response = self._client.get_object(bucket_name=self.bucket, object_name=key)
             except S3Error as error:
@@ -214,12 +233,34 @@ class S3ObjectStore:
                     raise ObjectNotFoundError(key) from None
                 raise
             try:
-                return response.read()
+                return response.read(), response.headers.get("ETag", "").strip('"')
             finally:
                 response.close()
                 response.release_conn()
 
         return await self._call("read an object", get)
+
+    async def put_if(self, key: str, data: bytes, content_type: str, *, version: str | None) -> str:
+        """S3 conditional PutObject: ``If-Match: <etag>``, or ``If-None-Match: *`` to create. AWS S3,
+        MinIO and SeaweedFS answer 412 PreconditionFailed (409 ConditionalRequestConflict on a race
+        with another conditional write) when the condition fails. The SDK's ``put_object`` passes no
+        conditional headers, so this uses its single-request ``_put_object`` (pinned by an integration
+        test against SeaweedFS)."""
+        condition = {"If-None-Match": "*"} if version is None else {"If-Match": f'"{version}"'}
+
+        def put() -> str:
+            try:
+                result = self._client._put_object(
+                    self.bucket, key, data, {"Content-Type": content_type, **condition}
+                )
+            except S3Error as error:
+                status = error.response.status if error.response is not None else None
+                if error.code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                    raise ConcurrentWriteError(f"{key} changed since it was read") from None
+                raise
+            return result.etag
+
+        return await self._call("store an object", put)
 
     async def url(self, key: str, expires_s: int) -> str:
         _check_expiry(expires_s)
@@ -278,22 +319,22 @@ class LocalObjectStore:
                 f"local storage failed to {action}", details=f"{type(error).__name__}: {error}"
             ) from error
 
+    @staticmethod
+    def _write(path: Path, data: bytes) -> None:
+        # Write beside the target, then rename: readers never see a half-written image.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
     async def put(self, key: str, data: bytes, content_type: str) -> None:
         path = self._path(key)
-
-        def write() -> None:
-            # Write beside the target, then rename: readers never see a half-written image.
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as file:
-                    file.write(data)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-
-        await self._call("store an object", write)
+        await self._call("store an object", self._write, path, data)
 
     async def get(self, key: str) -> bytes:
         path = self._path(key)
@@ -305,6 +346,34 @@ class LocalObjectStore:
                 raise ObjectNotFoundError(key) from None
 
         return await self._call("read an object", read)
+
+    async def get_versioned(self, key: str) -> tuple[bytes, str]:
+        data = await self.get(key)
+        return data, hashlib.sha256(data).hexdigest()
+
+    async def put_if(self, key: str, data: bytes, content_type: str, *, version: str | None) -> str:
+        """Compare-and-swap under an exclusive ``flock`` on one lock file in the root (held by threads
+        and processes alike, e.g. two admin CLIs); the version is the content's SHA-256."""
+        path = self._path(key)
+        lock_path = self.root / ".tmp-conditional-writes.lock"  # ``.tmp-`` names are never listed
+
+        def swap() -> str:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(lock_path, "a+b") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    try:
+                        current = hashlib.sha256(path.read_bytes()).hexdigest()
+                    except (FileNotFoundError, NotADirectoryError):
+                        current = None
+                    if current != version:
+                        raise ConcurrentWriteError(f"{key} changed since it was read")
+                    self._write(path, data)
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+            return hashlib.sha256(data).hexdigest()
+
+        return await self._call("store an object", swap)
 
     async def url(self, key: str, expires_s: int) -> str:
         self._path(key)

@@ -5,24 +5,63 @@ merged by name (later wins): the Serve config (``args.tenants``), the environmen
 and the local run's ``IMG2IMG_DEV_API_KEY``, with default limits) and the object store
 (``_tenants/{name}.json``, written by the admin CLI ``img2img-admin``). Ingress replicas re-read the
 store every few seconds, so a rotated or revoked key takes effect without a redeploy.
+
+A tenant's name is the first segment of every object key it owns, so one rule (``check_tenant_name``,
+the object-key rule plus a leading letter or digit and at most 64 characters) is enforced wherever a
+tenant is created: the Serve config, ``IMG2IMG_API_KEYS`` and the admin CLI. Stored tenant files are
+written with conditional puts (``TenantStore.update``), so two admins editing one tenant at once cannot
+lose each other's change, and a malformed stored file is skipped and reported, never fatal.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
+import random
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Callable, Iterable, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve.auth import AuthError, hash_key
-from serve.storage import ObjectNotFoundError, ObjectStore
+from serve.storage import (
+    ConcurrentWriteError,
+    ObjectNotFoundError,
+    ObjectStore,
+    StorageUnavailableError,
+    object_key,
+)
 
 TENANTS_PREFIX = "_tenants/"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+NAME_RULE = "1-64 of [A-Za-z0-9._-], starting with a letter or digit, without '..'"
+logger = logging.getLogger("serve.tenants")
+
+
+def check_tenant_name(name: object) -> str:
+    """``name`` if it is a valid tenant name, else ValueError naming the rule.
+
+    The rule is the object-key rule (the name is the first segment of every key the tenant owns; a
+    name the key builder refuses would make every request of that tenant fail) narrowed to 64
+    characters and a leading letter or digit. ``object_key`` itself has the last word, so the two
+    rules cannot drift apart."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"tenant name must be {NAME_RULE}, got {name!r}")
+    try:
+        object_key(name, "img_check", 0, "png")
+    except ValueError:
+        raise ValueError(f"tenant name must be {NAME_RULE} (a valid object-key segment)") from None
+    return name
+
+
+def new_webhook_secret() -> str:
+    """A fresh per-tenant webhook signing secret (shown once by the admin CLI, stored in the tenant)."""
+    return "whsec_" + secrets.token_urlsafe(32)
 
 
 def new_key(tenant: str) -> str:
@@ -51,9 +90,7 @@ class Tenant(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _NAME.fullmatch(value):
-            raise ValueError("tenant name must be 1-64 of [A-Za-z0-9._-], starting with a letter or digit")
-        return value
+        return check_tenant_name(value)
 
     @field_validator("key_hashes")
     @classmethod
@@ -122,27 +159,115 @@ class TenantDirectory:
 
 
 class TenantStore:
-    """Tenants persisted in the object store (what the admin CLI edits)."""
+    """Tenants persisted in the object store (what the admin CLI edits).
+
+    ``update`` is the safe way to change one: read with the object's version, change, write only if
+    the version is unchanged (a conditional put), else read again and re-apply. ``save`` overwrites
+    unconditionally (tests and one-off seeding)."""
 
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
+        self.skipped: dict[str, str] = {}  # key -> why, from the last load_all
+
+    @staticmethod
+    def key(name: str) -> str:
+        return f"{TENANTS_PREFIX}{check_tenant_name(name)}.json"
+
+    @staticmethod
+    def encode(tenant: Tenant) -> bytes:
+        return json.dumps(tenant.model_dump(), indent=2).encode()
 
     async def load_all(self) -> list[Tenant]:
-        tenants = []
+        """Every valid stored tenant. A malformed record is skipped and listed in ``skipped`` (its key
+        and the field that failed, never its content); only a storage outage raises."""
+        tenants, skipped = [], {}
         for key in await self.store.list(TENANTS_PREFIX):
-            if key.endswith(".json"):
-                tenants.append(Tenant.model_validate_json(await self.store.get(key)))
+            if not key.endswith(".json"):
+                continue
+            try:
+                tenant = Tenant.model_validate_json(await self.store.get(key))
+                if key != f"{TENANTS_PREFIX}{tenant.name}.json":
+                    raise _MisnamedRecord(f"the record names another tenant ({tenant.name!r})")
+            except (StorageUnavailableError, asyncio.CancelledError):
+                raise  # keep the last good directory rather than dropping every stored tenant
+            except ObjectNotFoundError:
+                continue  # deleted between list and get
+            except Exception as error:  # one bad record must never take the others down
+                skipped[key] = _reason(error)
+                continue
+            tenants.append(tenant)
+        self.skipped = skipped
         return tenants
 
     async def get(self, name: str) -> Tenant | None:
         try:
-            return Tenant.model_validate_json(await self.store.get(f"{TENANTS_PREFIX}{name}.json"))
+            return Tenant.model_validate_json(await self.store.get(self.key(name)))
         except ObjectNotFoundError:
             return None
 
     async def save(self, tenant: Tenant) -> None:
-        data = json.dumps(tenant.model_dump(), indent=2).encode()
-        await self.store.put(f"{TENANTS_PREFIX}{tenant.name}.json", data, "application/json")
+        await self.store.put(self.key(tenant.name), self.encode(tenant), "application/json")
+
+    async def update(
+        self, name: str, change: Callable[[Tenant | None], Tenant], *, attempts: int = 10
+    ) -> Tenant:
+        """Apply ``change`` (current tenant or None -> new tenant) with optimistic concurrency.
+
+        ``change`` may run more than once (after a concurrent write) and may raise to abort; it gets a
+        fresh copy each time. Raises ConcurrentWriteError if the record kept changing."""
+        key = self.key(name)
+        for attempt in range(attempts):
+            try:
+                data, version = await self.store.get_versioned(key)
+                current: Tenant | None = Tenant.model_validate_json(data)
+            except ObjectNotFoundError:
+                current, version = None, None
+            tenant = change(current)
+            if tenant.name != name:
+                raise ValueError(f"a change to tenant {name!r} may not rename it")
+            try:
+                await self.store.put_if(key, self.encode(tenant), "application/json", version=version)
+                return tenant
+            except ConcurrentWriteError:
+                await asyncio.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
+        raise ConcurrentWriteError(f"tenant {name!r} kept changing under us ({attempts} tries); run it again")
+
+
+class _MisnamedRecord(ValueError):
+    """``_tenants/a.json`` holding tenant ``b``: it could otherwise replace b's keys."""
+
+
+def _reason(error: Exception) -> str:
+    """Why a stored record is unusable, without echoing its content (it may hold a secret)."""
+    if isinstance(error, _MisnamedRecord):
+        return str(error)
+    errors = getattr(error, "errors", None)
+    if callable(errors):
+        try:
+            parts = [
+                f"{'.'.join(str(p) for p in e.get('loc', ())) or 'record'}: {e.get('msg', '')}"
+                for e in errors(include_input=False)
+            ]
+            return "; ".join(parts)[:300]
+        except Exception:  # an odd error object: fall back to its type
+            pass
+    return f"{type(error).__name__}"
+
+
+def _skipped_gauge():
+    """A Ray gauge inside a Serve replica; None elsewhere (unit tests, the admin CLI)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    try:
+        from ray.serve.metrics import Gauge
+
+        return Gauge(
+            "img2img_tenant_records_skipped",
+            description="Stored tenant records skipped as malformed at the last refresh",
+        )
+    except Exception:  # a metric must never break a refresh
+        return None
 
 
 class TenantCatalog:
@@ -156,10 +281,28 @@ class TenantCatalog:
         self._configured = configured
         self._store = store
         self.directory = configured
+        self.skipped: dict[str, str] = {}  # stored records left out at the last refresh, and why
+        self._gauge = None
 
     async def refresh(self) -> None:
-        if self._store is not None:
-            self.directory = self._configured.merged(await self._store.load_all())
+        """Re-read the store. Malformed records are skipped, logged (once per change) and counted in
+        ``img2img_tenant_records_skipped``; a storage outage raises StorageUnavailableError (an
+        InferenceError) and keeps the previous directory."""
+        if self._store is None:
+            return
+        tenants = await self._store.load_all()
+        self.directory = self._configured.merged(tenants)
+        skipped = dict(self._store.skipped)
+        if skipped != self.skipped:
+            for key, reason in skipped.items():
+                if self.skipped.get(key) != reason:
+                    logger.warning("tenant record %s skipped (fix or delete it): %s", key, reason)
+            for key in self.skipped.keys() - skipped.keys():
+                logger.warning("tenant record %s is readable again (or gone)", key)
+            self.skipped = skipped
+        self._gauge = self._gauge or _skipped_gauge()
+        if self._gauge is not None:
+            self._gauge.set(len(skipped))
 
     def lookup(self, name: str) -> Tenant | None:
         return self.directory.get(name)

@@ -18,7 +18,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inference.errors import InferenceError
 from serve.api import jobs, node, openai, rest_v1, system, usage
@@ -80,6 +82,55 @@ def _openapi_without_422(app: FastAPI):
     return openapi
 
 
+#: Every route under this prefix needs an API key, checked before its body is read.
+AUTHENTICATED_PREFIX = "/v1/"
+
+
+class UnauthenticatedBodyError(StarletteHTTPException):
+    """Raised from ``receive`` when a request without a valid key is about to have its body read."""
+
+    def __init__(self, error: InferenceError) -> None:
+        super().__init__(status_code=401, detail=error.message)
+        self.error = error
+
+
+class AuthenticateFirstMiddleware:
+    """Check the API key of a ``/v1/`` request before the first byte of its body is received.
+
+    FastAPI reads and parses a route's body (JSON, or multipart into spooled files) before it runs any
+    dependency, ``TenantDep`` included: an unauthenticated 15 MB upload used to be received and parsed
+    in full just to be told 401. This wraps ``receive``: its first call checks the key on the headers
+    and, for a missing or unknown one, raises instead of reading; FastAPI re-raises HTTP exceptions from
+    body parsing unchanged, so the app's handler answers 401 in the route's own envelope, with the route
+    matched as usual (metrics, 404/405 unchanged). Routes without a body never call ``receive`` before
+    their dependencies run, and ``TenantDep`` authenticates those. Innermost, so a caller without a key
+    is told 401 before anything about our body limit.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(AUTHENTICATED_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        checked = False
+
+        async def authenticated_receive() -> Message:
+            nonlocal checked
+            if not checked:
+                tenants = getattr(scope["app"].state, "tenants", None)
+                if tenants is not None:
+                    try:
+                        tenants.tenant_for(Headers(scope=scope).get("authorization"))
+                    except InferenceError as error:
+                        raise UnauthenticatedBodyError(error) from None
+                checked = True
+            return await receive()
+
+        await self.app(scope, authenticated_receive, send)
+
+
 #: Starlette's HTTP errors → our codes (a 413 is the body limit's refusal).
 HTTP_ERROR_CODES = {
     400: "invalid_request",
@@ -101,8 +152,10 @@ def create_app(max_body_bytes: int = MAX_BODY_BYTES, cors: CorsPolicy | None = N
     for module in (rest_v1, jobs, node, openai, system, usage):
         app.include_router(module.router)
     app.openapi = _openapi_without_422(app)
-    # Innermost, so its 413 is raised where FastAPI reads the body and renders in the API's envelope
-    # (an outer BaseHTTPMiddleware would wrap it in an exception group first).
+    # Both wrap ``receive`` and sit inside every BaseHTTPMiddleware, so their 401/413 are raised where
+    # FastAPI reads the body and render in the API's envelope (an outer BaseHTTPMiddleware would wrap
+    # them in an exception group first). The key is checked first, then the body limit, then bytes flow.
+    app.add_middleware(AuthenticateFirstMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
 
     @app.middleware("http")
@@ -150,6 +203,8 @@ def create_app(max_body_bytes: int = MAX_BODY_BYTES, cors: CorsPolicy | None = N
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        if isinstance(error, UnauthenticatedBodyError):
+            return _render(request, api_error(error.error, _dialect(request).rename))
         code = HTTP_ERROR_CODES.get(error.status_code, "http_error")
         headers = dict(error.headers or {})
         if error.status_code == 405:  # Starlette names only the first matching route's methods

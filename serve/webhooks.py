@@ -3,8 +3,18 @@
 Signature scheme (documented in the README with a verification snippet): the receiver gets
 ``Webhook-Id`` (the job id), ``Webhook-Timestamp`` (unix seconds) and
 ``Webhook-Signature: v1=<hex>`` where ``hex = HMAC-SHA256(secret, f"{timestamp}." + raw body)``.
-Receivers recompute it over the raw body and reject old timestamps (replays). Targets pass the same
-SSRF rules as source image URLs: addresses are checked after DNS resolution and pinned.
+Receivers recompute it over the raw body, reject old timestamps (replays) and check the body's
+``tenant`` field. Every tenant signs with its own secret (``webhook_secret_for``): one stored in the
+tenant (the admin CLI issues and rotates it), else one derived from the server key
+``IMG2IMG_WEBHOOK_SECRET`` (``derive_webhook_secret``). The server key itself signs only when the
+operator opts in (``webhooks.shared_secret: true``). Targets pass the same SSRF rules as source image
+URLs: addresses are checked after DNS resolution and pinned.
+
+Transport rules: targets must be https unless the operator sets ``webhooks.allow_plain_http`` (or the
+target is a literal address in ``fetch.allow_networks``, a lab); redirects are never followed (a 3xx
+is a failed attempt); only the status line and headers of the answer are read: the body is neither
+read nor decoded (we ask for ``identity`` anyway), so a receiver answering with a gzip bomb costs us
+nothing. Attempt records carry a stable ``code`` and message; details go to the log.
 """
 
 from __future__ import annotations
@@ -12,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,24 +32,77 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import idna
 
 from inference.errors import InvalidInputError
-from serve.fetch import FetchPolicy, check_url, pinned_client
+from serve.fetch import FetchPolicy, check_url, pinned_client, transport_error
+from serve.log_redaction import redact
+
+logger = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "Webhook-Signature"
 TIMESTAMP_HEADER = "Webhook-Timestamp"
 ID_HEADER = "Webhook-Id"
 
 
+DERIVATION_LABEL = b"img2img-webhook-secret\n"
+NO_SECRET = (
+    "no webhook secret for this tenant: set IMG2IMG_WEBHOOK_SECRET (per-tenant secrets are derived "
+    "from it), or give a stored tenant its own with `img2img-admin rotate-webhook-secret TENANT`"
+)
+
+
+def derive_webhook_secret(server_key: bytes, tenant: str) -> str:
+    """The webhook secret of a tenant that stores none (environment and config tenants): an HMAC of
+    its name under the server key. Distinct per tenant, stable across restarts and replicas, and
+    printable by the admin CLI (``show-webhook-secret``); one tenant's secret reveals no other's."""
+    return "whsec_" + hmac.new(server_key, DERIVATION_LABEL + tenant.encode(), hashlib.sha256).hexdigest()
+
+
+def webhook_secret_for(
+    tenant: str, stored_secret: str | None, server_key: bytes | None, *, shared: bool = False
+) -> bytes | None:
+    """The key that signs ``tenant``'s deliveries: its stored secret, else one derived from the server
+    key, else (``shared``, an explicit operator opt-in) the server key itself. None: cannot sign."""
+    if stored_secret:
+        return stored_secret.encode()
+    if server_key is None:
+        return None
+    return server_key if shared else derive_webhook_secret(server_key, tenant).encode()
+
+
+def webhook_payload(job: dict[str, Any], tenant: str) -> dict[str, Any]:
+    """What is signed and sent: the job object plus the tenant it belongs to, so a receiver can check
+    that a delivery is for it even where secrets are shared."""
+    return {**job, "tenant": tenant}
+
+
 def sign(secret: bytes, timestamp: int, body: bytes) -> str:
     return "v1=" + hmac.new(secret, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
 
 
-def verify(secret: bytes, timestamp: str, body: bytes, signature: str, tolerance_s: int = 300) -> bool:
-    """The receiver's check (also used by our tests): a valid signature on a recent timestamp."""
+def verify(
+    secret: bytes,
+    timestamp: str,
+    body: bytes,
+    signature: str,
+    tolerance_s: int = 300,
+    *,
+    tenant: str | None = None,
+) -> bool:
+    """The receiver's check (also used by our tests): a valid signature on a recent timestamp and,
+    given ``tenant``, a body that names that tenant."""
     if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > tolerance_s:
         return False
-    return hmac.compare_digest(sign(secret, int(timestamp), body), signature)
+    if not hmac.compare_digest(sign(secret, int(timestamp), body), signature):
+        return False
+    if tenant is None:
+        return True
+    try:
+        named = json.loads(body).get("tenant")
+    except (ValueError, AttributeError):
+        return False
+    return named == tenant
 
 
 @dataclass(frozen=True)
@@ -58,6 +123,9 @@ class Attempt:
     status_code: int | None
     error: str | None
     duration_ms: float
+    #: stable kind of failure: http_status, target_refused, connect_failed, timeout, protocol_error,
+    #: internal_error, no_secret
+    code: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -67,6 +135,7 @@ class Attempt:
         return {
             "at": self.at.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "status_code": self.status_code,
+            "code": self.code,
             "error": self.error,
             "duration_ms": round(self.duration_ms, 1),
         }
@@ -75,10 +144,31 @@ class Attempt:
 def check_webhook_url(url: str, policy: FetchPolicy) -> None:
     """Refuse at submission what delivery would refuse later (scheme, credentials, literal private IPs)."""
     try:
-        check_url(httpx.URL(url), policy, param="webhook_url")
+        check_target(httpx.URL(url), policy)
     except (httpx.InvalidURL, InvalidInputError) as error:
-        message = getattr(error, "message", str(error)).replace("source image URL", "webhook_url")
+        message = getattr(error, "message", str(error))
         raise InvalidInputError(message, code="invalid_webhook_url", param="webhook_url") from None
+
+
+def check_target(url: httpx.URL, policy: FetchPolicy) -> None:
+    """The SSRF rules of ``check_url`` plus the plain-http policy (no network)."""
+    check_url(url, policy, "webhook_url")
+    if url.scheme == "http" and not policy.allow_plain_http_webhooks and not _lab_address(url, policy):
+        raise InvalidInputError(
+            "webhook_url must be an https URL: deliveries carry signed results and image links, and this "
+            "service does not send them over plain http",
+            code="invalid_webhook_url",
+            param="webhook_url",
+        )
+
+
+def _lab_address(url: httpx.URL, policy: FetchPolicy) -> bool:
+    """A literal address inside ``allow_networks``: the operator named that network (tests, labs)."""
+    try:
+        ip = ipaddress.ip_address(url.raw_host.decode("ascii"))
+    except (ValueError, UnicodeError):
+        return False
+    return any(ip.version == net.version and ip in net for net in policy.networks)
 
 
 async def deliver(
@@ -105,22 +195,76 @@ async def deliver(
                 TIMESTAMP_HEADER: str(timestamp),
                 SIGNATURE_HEADER: sign(secret, timestamp, body),
             }
-            status, error = None, None
+            status, code, error = None, None, None
             try:
-                check_url(httpx.URL(url), fetch_policy, "webhook_url")
-                async with asyncio.timeout(policy.timeout_s):
-                    response = await client.post(url, content=body, headers=headers)
-                status = response.status_code
+                status = await post_status(client, url, body, headers, fetch_policy, policy.timeout_s)
                 if not 200 <= status < 300:
-                    error = f"HTTP {status}"
-            except TimeoutError:
-                error = f"timed out after {policy.timeout_s:g} s"
-            except (httpx.HTTPError, InvalidInputError) as exc:
-                error = f"{type(exc).__name__}: {exc}"[:300]
-            result = Attempt(datetime.now(UTC), status, error, (time.perf_counter() - started) * 1000)
+                    code = "http_status"
+                    redirect = " (redirects are not followed)" if 300 <= status < 400 else ""
+                    error = f"HTTP {status}{redirect}"
+            except Exception as exc:  # every failure is an attempt: recorded generically, logged in full
+                code, error = _failure(exc, policy.timeout_s)
+                logger.warning(
+                    "webhook %s attempt %d to host %r failed (%s): %s",
+                    event_id,
+                    attempt,
+                    _host(url),
+                    code,
+                    redact(f"{type(exc).__name__}: {exc}")[:500],
+                )
+                if code == "internal_error":
+                    logger.exception("webhook %s: unexpected delivery failure", event_id)
+            result = Attempt(datetime.now(UTC), status, error, (time.perf_counter() - started) * 1000, code)
             await on_attempt(result)
             if result.ok:
                 return True
             if attempt < policy.max_attempts:
                 await asyncio.sleep(policy.delay(attempt))
     return False
+
+
+#: httpx asks for gzip by default; we never decode the answer, and ask the receiver not to compress.
+_TRANSPORT_HEADERS = {"Accept-Encoding": "identity"}
+
+
+async def post_status(
+    client: httpx.AsyncClient,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    fetch_policy: FetchPolicy,
+    timeout_s: float,
+) -> int:
+    """POST once and return the status code; the response body is never read or decoded.
+
+    Leaving the ``stream`` block closes the response unread, which makes httpcore drop the connection
+    instead of draining it, so the receiver's body (a gzip bomb, an endless stream) never reaches us.
+    """
+    check_target(httpx.URL(url), fetch_policy)
+    async with asyncio.timeout(timeout_s):
+        request_headers = {**headers, **_TRANSPORT_HEADERS}
+        async with client.stream("POST", url, content=body, headers=request_headers) as response:
+            return response.status_code
+
+
+def _failure(exc: BaseException, timeout_s: float) -> tuple[str, str]:
+    """(code, message) for an attempt record: stable text that never names addresses or hosts."""
+    if isinstance(exc, TimeoutError | httpx.TimeoutException):
+        return "timeout", f"timed out after {timeout_s:g} s"
+    if isinstance(exc, idna.IDNAError):  # httpx parses a 3xx's Location even when not following it
+        return "protocol_error", "the webhook target answered with an unusable redirect (not followed)"
+    if isinstance(exc, InvalidInputError):  # SSRF rules, plain http, a malformed or refused target
+        return "target_refused", "the webhook target is not allowed (public https hosts only)"
+    if isinstance(exc, httpx.InvalidURL | UnicodeError | ValueError):
+        return "target_refused", "the webhook target URL is not valid"
+    if isinstance(exc, httpx.HTTPError):
+        code = "connect_failed" if isinstance(exc, httpx.ConnectError) else "protocol_error"
+        return code, transport_error(exc, "webhook target", "webhook_url").message
+    return "internal_error", "the delivery failed on our side"
+
+
+def _host(url: str) -> str:
+    try:
+        return httpx.URL(url).raw_host.decode("ascii", "replace")
+    except (httpx.InvalidURL, TypeError):
+        return "(invalid URL)"

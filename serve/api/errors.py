@@ -101,17 +101,56 @@ def status_for(error: InferenceError) -> int:
     return 400 if isinstance(error, InvalidInputError) else 500
 
 
+#: What a client is told about a server-side failure, by code. The exception's own text (S3 endpoint,
+#: bucket and object key, a replica's ``repr(exception)``, Ray internals) is logged where it happens
+#: and never sent: a server fault's message is one of these stable sentences, and it has no details.
+PUBLIC_MESSAGES: Mapping[str, str] = {
+    "storage_unavailable": "object storage is temporarily unavailable; retry shortly",
+    "overloaded": "the service is at capacity; retry shortly",
+    "model_unavailable": "the model is temporarily unavailable; retry shortly",
+    "timeout": "generation did not finish within the request timeout; the request was canceled",
+    "out_of_memory": "the model ran out of accelerator memory for this request; try fewer or smaller images",
+    "model_load_failed": "the model could not be loaded; retry later",
+    "generation_failed": "image generation failed on our side; retry later",
+    "internal_error": "internal server error",
+}
+GENERIC_SERVER_MESSAGE = "the request failed on our side; retry later"
+
+
+def is_server_fault(error: InferenceError) -> bool:
+    return status_for(error) >= 500
+
+
+def public_message(code: str) -> str:
+    return PUBLIC_MESSAGES.get(code, GENERIC_SERVER_MESSAGE)
+
+
+def public_fields(error: InferenceError) -> dict[str, Any]:
+    """``{"code", "message", "details"}`` safe to show a client (e.g. on a failed job's record): a
+    client fault keeps its own words (they describe the client's input), a server fault gets the
+    stable sentence for its code."""
+    if is_server_fault(error):
+        return {"code": error.code, "message": public_message(error.code), "details": None}
+    return {"code": error.code, "message": error.message, "details": error.details}
+
+
 def api_error(error: InferenceError, rename: Callable[[InferenceError], str] | None = None) -> ApiError:
-    """Translate an inference/serving error; ``rename`` maps it to an API's own code vocabulary."""
+    """Translate an inference/serving error; ``rename`` maps it to an API's own code vocabulary.
+
+    A server fault (5xx) keeps its code and status but never its text: see ``PUBLIC_MESSAGES``. The
+    caller logs the original once (``serve.webapp`` does for every API)."""
     code = rename(error) if rename else error.code
-    details = error.details
-    if details is None and error.param is not None and isinstance(error, InvalidInputError):
-        details = f"parameter: {error.param}"
+    status = status_for(error)
     retry = RETRY_AFTER_S.get(error.code)
     if getattr(error, "retry_after_s", None) is not None:
         retry = max(1, math.ceil(error.retry_after_s))
     headers = {"Retry-After": str(retry)} if retry else {}
-    return ApiError(status_for(error), code, error.message, details, error.param, headers)
+    if status >= 500:
+        return ApiError(status, code, public_message(error.code), None, None, headers)
+    details = error.details
+    if details is None and error.param is not None and isinstance(error, InvalidInputError):
+        details = f"parameter: {error.param}"
+    return ApiError(status, code, error.message, details, error.param, headers)
 
 
 def overloaded(

@@ -8,19 +8,85 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from inference.errors import InferenceError
 from serve.api.deps import JobsDep, JobStoreDep, ServiceDep, TenantDep
-from serve.api.errors import ApiError, error_responses
+from serve.api.errors import ApiError, error_responses, public_fields
 from serve.api.job_views import job_object
+
+logger = logging.getLogger("serve.jobs")
 
 router = APIRouter(prefix="/v1/image-to-image", tags=["jobs"], responses=error_responses())
 
+#: Event streams poll the job's record: every EVENTS_POLL_S at first, then less often while nothing
+#: changes (x EVENTS_BACKOFF up to EVENTS_POLL_MAX_S; back to EVENTS_POLL_S after a change), for at
+#: most EVENTS_MAX_S. A stuck job costs ~190 record reads over 15 minutes instead of 1800.
 EVENTS_POLL_S = 0.5
+EVENTS_POLL_MAX_S = 5.0
+EVENTS_BACKOFF = 2.0
 EVENTS_MAX_S = 900.0
+#: Open event streams per tenant on one ingress replica; one more is a 429 in the REST envelope.
+EVENTS_PER_TENANT = 4
+
+
+def poll_delays(first: float, backoff: float, most: float):
+    """The waits between polls of a record that does not change: first, first*backoff, ... up to most."""
+    delay = first
+    while True:
+        yield delay
+        delay = min(most, delay * backoff)
+
+
+class StreamSlots:
+    """Counts open event streams per tenant (one instance per app: an ingress replica)."""
+
+    def __init__(self) -> None:
+        self.open: dict[str, int] = {}
+
+    def take(self, tenant: str, limit: int) -> None:
+        if self.open.get(tenant, 0) >= limit:
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"at most {limit} event streams may be open at once for this tenant; close one, "
+                "or poll GET /v1/image-to-image/{id}",
+                param="id",
+                headers={"Retry-After": "5"},
+            )
+        self.open[tenant] = self.open.get(tenant, 0) + 1
+
+    def give_back(self, tenant: str) -> None:
+        left = self.open.get(tenant, 0) - 1
+        if left > 0:
+            self.open[tenant] = left
+        else:
+            self.open.pop(tenant, None)
+
+
+def _slots(app) -> StreamSlots:
+    slots = getattr(app.state, "event_streams", None)
+    if slots is None:
+        slots = app.state.event_streams = StreamSlots()
+    return slots
+
+
+class _SlotStream(StreamingResponse):
+    """A streaming response that gives its tenant's slot back however it ends (finished, client gone)."""
+
+    def __init__(self, content, give_back, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self._give_back = give_back
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._give_back()
 
 
 async def _load(job_store, tenant: str, job_id: str):
@@ -51,21 +117,47 @@ async def cancel_job(
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "One event per job state change"}},
 )
-async def job_events(job_id: str, service: ServiceDep, tenant: TenantDep, job_store: JobStoreDep):
-    """Server-sent events: the job object whenever its state or progress changes, until it is final."""
+async def job_events(
+    job_id: str, request: Request, service: ServiceDep, tenant: TenantDep, job_store: JobStoreDep
+):
+    """Server-sent events: the job object whenever its state or progress changes, until it is final.
+
+    At most ``EVENTS_PER_TENANT`` streams per tenant at once (429 beyond); the record is polled less
+    often while it does not change."""
     await _load(job_store, tenant, job_id)
+    slots = _slots(request.app)
+    slots.take(tenant, getattr(request.app.state, "event_streams_per_tenant", EVENTS_PER_TENANT))
 
     async def stream():
         last, deadline = None, time.monotonic() + EVENTS_MAX_S
+        delays = poll_delays(EVENTS_POLL_S, EVENTS_BACKOFF, EVENTS_POLL_MAX_S)
         while time.monotonic() < deadline:
-            record = await job_store.load(tenant, job_id)
+            try:
+                record = await job_store.load(tenant, job_id)
+            except InferenceError as error:  # e.g. storage down: say so generically, log the details
+                logger.warning("event stream of job %s stopped: %s", job_id, error)
+                body = {"error": public_fields(error)}
+                yield f"event: error\ndata: {json.dumps(body)}\n\n"
+                return
+            if record is None:
+                return
             seen = (record.status, record.steps_done)
             if seen != last:
                 last = seen
+                delays = poll_delays(EVENTS_POLL_S, EVENTS_BACKOFF, EVENTS_POLL_MAX_S)
                 body = await job_object(record, service.store, service.url_expiry_s)
                 yield f"event: {record.status.value}\ndata: {json.dumps(body)}\n\n"
             if record.status.terminal:
                 return
-            await asyncio.sleep(EVENTS_POLL_S)
+            await asyncio.sleep(min(next(delays), max(0.0, deadline - time.monotonic())))
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        return _SlotStream(
+            stream(),
+            lambda: slots.give_back(tenant),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+    except BaseException:
+        slots.give_back(tenant)
+        raise

@@ -2,9 +2,12 @@
 
 Input ranges and defaults are the spec's: guidance_scale and image_guidance_scale in (0, 15] (7.5,
 1.5), strength in (0, 1] (0.8), steps 1-50 (20), batch_size 1-8 (1), seed nullable, width/height 0 =
-the source size. ``negative_prompt`` is required (it may be empty). Errors use the spec's table as
+the source size. ``negative_prompt`` is required (it may be empty). ``prompt``, ``prompt_2`` and
+``negative_prompt`` follow the text policy of every API (``inference.text_policy``: at most 2,000
+characters, valid Unicode, no control characters but tab and line breaks). Errors use the spec's table as
 codes: invalid_connection, source_image_error, empty_prompt, invalid_strength, invalid_guidance,
-invalid_steps, batch_size_exceeded, generation_failed; other malformed fields get invalid_parameter.
+invalid_steps, batch_size_exceeded, generation_failed; other malformed fields (a prompt refused by the
+text policy included: it is not empty) get invalid_parameter.
 Extensions: ``model``, ``output_format``, and ``warnings`` in the output when a parameter was ignored.
 """
 
@@ -19,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from inference.errors import InferenceError, InvalidInputError
 from serve.api.deps import ServiceDep, TenantDep, explicit_choices
 from serve.api.errors import ApiError, error_responses, validation_summary
+from serve.api.text_policy import NameText, PromptText
 from serve.generation import GenerationJob
 
 router = APIRouter(prefix="/v1/nodes", tags=["nodes"], responses=error_responses())
@@ -32,12 +36,12 @@ class ImageToImageNodeInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source_image: str = Field(description="The image to use as the source (http(s) URL or data URL).")
-    prompt: str = Field(
+    prompt: PromptText = Field(
         description="What you wish to see in the output image.",
         json_schema_extra={"minLength": 1, "pattern": r"\S"},  # documents the empty_prompt rule
     )
-    prompt_2: str | None = Field(None, description="A second prompt to guide the image generation.")
-    negative_prompt: str = Field(description="What you do not wish to see in the output image.")
+    prompt_2: PromptText | None = Field(None, description="A second prompt to guide the image generation.")
+    negative_prompt: PromptText = Field(description="What you do not wish to see in the output image.")
     guidance_scale: float = Field(7.5, gt=0, le=15)
     image_guidance_scale: float = Field(1.5, gt=0, le=15)
     strength: float = Field(0.8, gt=0, le=1)
@@ -46,7 +50,9 @@ class ImageToImageNodeInput(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 9, strict=True)
     width: int = Field(0, ge=0, le=MAX_SIDE, strict=True, description="0 = the source image's width")
     height: int = Field(0, ge=0, le=MAX_SIDE, strict=True, description="0 = the source image's height")
-    model: str | None = Field(None, description="Model id (GET /v1/models); default: the first configured")
+    model: NameText | None = Field(
+        None, description="Model id (GET /v1/models); default: the first configured"
+    )
     output_format: Literal["png", "jpeg", "webp"] = "png"
 
     @field_validator("prompt")
@@ -103,6 +109,8 @@ FIELD_CODES = {
     "batch_size": "batch_size_exceeded",
 }
 
+#: Prompt errors that are not "no prompt" (too long, or refused by the text policy): invalid_parameter.
+_TEXT_ERRORS = {"string_too_long", "string_unicode", "text_policy"}
 _IMAGE_CODES = {"invalid_image", "image_too_large", "image_dimensions_too_large", "source_image_error"}
 _INFRA_CODES = {"storage_unavailable", "overloaded", "timeout", "model_unavailable", "canceled"}
 
@@ -122,4 +130,6 @@ class NodeDialect:
     def validation(self, errors: Sequence[dict[str, Any]]) -> ApiError:
         param, message, details = validation_summary(errors)
         code = FIELD_CODES.get(param, "invalid_request" if param == "body" else "invalid_parameter")
+        if errors[0].get("type") in _TEXT_ERRORS:
+            code = "invalid_parameter"
         return ApiError(400, code, message, details, param)

@@ -6,9 +6,10 @@ shape ``{"error": {"message", "type", "param", "code"}}``. What we accept, and w
 * ``image`` (one file) or ``image[]`` (what the client sends for a list). Exactly one source image:
   more than one is refused with a 400 (param ``image``) rather than silently dropped. The bytes pass
   the same checks as a base64 source (10 MB, JPEG/PNG/WEBP sniffed from the content, pixel limits).
-* ``prompt`` (required, up to 2000 characters), ``model`` (one of ``GET /v1/models``; default: the
-  first configured). OpenAI's model names (``dall-e-2``, ``gpt-image-1``) are NOT aliased: an unknown
-  model is a 400 ``model_not_found`` that lists ours.
+* ``prompt`` (required; the text policy of every API, ``inference.text_policy``: up to 2000
+  characters, valid Unicode, no control characters but tab and line breaks), ``model`` (one of
+  ``GET /v1/models``; default: the first configured). OpenAI's model names (``dall-e-2``,
+  ``gpt-image-1``) are NOT aliased: an unknown model is a 400 ``model_not_found`` that lists ours.
 * ``n`` 1-4 (default 1, the REST spec's bound), ``response_format`` ``url`` (default; presigned, they
   expire) or ``b64_json`` (PNG bytes), ``size`` ``WxH`` with each side 1-2048 or ``auto``/absent for
   the source size; sides are rounded to multiples of 8 (``inference.images.output_size``).
@@ -36,7 +37,7 @@ from inference.errors import ImageTooLargeError, InferenceError, InvalidInputErr
 from inference.images import MAX_IMAGE_HEIGHT, MAX_IMAGE_WIDTH
 from serve.api.deps import ServiceDep, TenantDep, explicit_choices
 from serve.api.errors import ApiError, error_responses, validation_summary
-from serve.api.rest_v1 import MAX_PROMPT_CHARS
+from serve.api.text_policy import NameText, PromptText
 from serve.generation import CompletedJob, GenerationJob, GenerationService
 
 
@@ -97,8 +98,10 @@ class ImageEditForm(BaseModel):
     image_list: list[UploadFile] = Field(
         default_factory=list, alias="image[]", description="Alternative to image: exactly one file"
     )
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    model: str | None = Field(None, description="Model id (GET /v1/models); default: the first configured")
+    prompt: PromptText = Field(min_length=1)
+    model: NameText | None = Field(
+        None, description="Model id (GET /v1/models); default: the first configured"
+    )
     n: int = Field(1, ge=1, le=4)
     size: str | None = Field(None, description="'WxH' (sides 1-2048, rounded to multiples of 8) or 'auto'")
     response_format: Literal["url", "b64_json"] = "url"
@@ -108,7 +111,7 @@ class ImageEditForm(BaseModel):
     strength: float = Field(0.7, ge=0.1, le=1.0)
     steps: int = Field(30, ge=1, le=50)
     guidance_scale: float = Field(7.5, gt=0, le=20)
-    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: PromptText | None = None
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
 
     @field_validator("prompt")

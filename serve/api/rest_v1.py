@@ -2,7 +2,8 @@
 
 Spec ranges and defaults: strength 0.1-1.0 (0.7), steps 30, guidance_scale 7.5, num_images 1-4 (1).
 Where the spec is silent we chose, and document here: steps 1-50 (the node spec's bound),
-guidance_scale 0-20 (exclusive of 0), seed 0..2^32-1, prompts up to 2000 characters. Unknown fields
+guidance_scale 0-20 (exclusive of 0), seed 0..2^32-1, prompts by the text policy of every API
+(``inference.text_policy``: up to 2000 characters, valid Unicode, no control characters). Unknown fields
 are refused (a typo like ``stength`` must not silently fall back to a default). Extensions:
 ``output_format`` (png/jpeg/webp) and a ``warnings`` list in the response.
 """
@@ -21,6 +22,7 @@ from inference.errors import InferenceError
 from serve.api.deps import JobsDep, JobStoreDep, ServiceDep, TenantDep, explicit_choices
 from serve.api.errors import STATUS_BY_CODE, ApiError, error_responses, validation_summary
 from serve.api.job_views import completed_record, job_object, new_record
+from serve.api.text_policy import NameText, PromptText
 from serve.generation import CompletedJob, GenerationJob
 from serve.jobs import JobState, fingerprint
 from serve.styles import STYLES, resolve_style
@@ -28,7 +30,6 @@ from serve.webhooks import check_webhook_url
 
 router = APIRouter(prefix="/v1", tags=["image-to-image"], responses=error_responses())
 
-MAX_PROMPT_CHARS = 2000
 SYNC_WAIT_S = 300.0  # an idempotent synchronous request waits this long, then answers 202
 
 
@@ -36,15 +37,17 @@ class ImageToImageRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     image: str = Field(min_length=1, description="Base64 data URL or http(s) URL of the source image")
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    model: str | None = Field(None, description="Model id (GET /v1/models); default: the first configured")
+    prompt: PromptText = Field(min_length=1)
+    model: NameText | None = Field(
+        None, description="Model id (GET /v1/models); default: the first configured"
+    )
     strength: float = Field(0.7, ge=0.1, le=1.0)
     steps: int = Field(30, ge=1, le=50, strict=True)
     guidance_scale: float = Field(7.5, gt=0, le=20)
-    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: PromptText | None = None
     seed: int | None = Field(None, ge=0, le=2**32 - 1, strict=True)
     num_images: int = Field(1, ge=1, le=4, strict=True)
-    style: str | None = Field(None, description="A preset from GET /v1/styles")
+    style: NameText | None = Field(None, description="A preset from GET /v1/styles")
     webhook_url: AnyHttpUrl | None = Field(None, description="Called with the job object on completion")
     output_format: Literal["png", "jpeg", "webp"] = "png"
 
@@ -160,16 +163,20 @@ async def image_to_image(
         await job_store.save(completed_record(done, display, None))
         return to_response(body, done)
 
-    prepared = await service.store_source(await service.prepare(job))
-    record = new_record(prepared, display, webhook_url)
     idempotency = (idempotency_key, fingerprint(body.model_dump(mode="json"))) if idempotency_key else None
-    try:
-        job_id = await jobs.accept(record, idempotency)
-    except BaseException:
-        await service.release(prepared.job, None)
-        raise
-    if job_id != record.id:  # an idempotent replay: the original job stands, this admission is unused
-        await service.release(prepared.job, None)
+    # A replay is recognised before its source is fetched, decoded or stored and before it is charged.
+    job_id = await job_store.replayed_job(tenant, *idempotency) if idempotency else None
+    if job_id is None:
+        prepared = await service.store_source(await service.prepare(job))
+        record = new_record(prepared, display, webhook_url)
+        try:
+            job_id = await jobs.accept(record, idempotency, prepared.source)  # decoded once, here
+        except BaseException:
+            await service.release(prepared.job, None)
+            raise
+        if job_id != record.id:  # a concurrent request won the key: undo this one's admission and source
+            await service.release(prepared.job, None)
+            await service.discard_source(prepared)
     if not respond_async:  # synchronous but idempotent: the coordinator runs it; we wait for the outcome
         record = await jobs.wait(tenant, job_id, SYNC_WAIT_S)
         if record.status is JobState.FAILED:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -14,6 +15,13 @@ from serve.api.errors import ApiError, error_responses
 from serve.storage import content_type_for
 
 router = APIRouter(tags=["system"])
+#: What ``/files`` may serve: the keys ``object_key`` makes for outputs (``{index}``) and stored sources
+#: (``source``), images only. Anything else in the store (tenant records, job records, usage) is never
+#: served, even under a valid signature.
+SERVABLE_FILE_KEY = re.compile(
+    r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,63}/\d{4}/\d{2}/\d{2}/[A-Za-z0-9._-]{1,128}/"
+    r"(?:\d{1,6}|source)\.(?:png|jpg|jpeg|webp)"
+)
 logger = logging.getLogger("serve.readiness")
 
 
@@ -72,6 +80,8 @@ async def list_models(service: ServiceDep, _: TenantDep) -> dict[str, Any]:
 @router.get("/files/{key:path}", include_in_schema=False)
 async def local_file(key: str, expires: int, signature: str, request: Request) -> Response:
     """Serve an output of the embedded local store through its expiring signed URL."""
+    if not SERVABLE_FILE_KEY.fullmatch(key):
+        raise ApiError(404, "not_found", "no such file")
     store = request.app.state.service.store
     verify = getattr(store, "verify", None)
     if verify is None or not verify(key, expires, signature):

@@ -13,7 +13,14 @@ from urllib.parse import urlsplit
 import pytest
 from PIL import Image
 
-from serve.storage import ObjectNotFoundError, S3ObjectStore, StorageUnavailableError, new_job_id, object_key
+from serve.storage import (
+    ConcurrentWriteError,
+    ObjectNotFoundError,
+    S3ObjectStore,
+    StorageUnavailableError,
+    new_job_id,
+    object_key,
+)
 from tests.support.s3server import SeaweedS3Server
 
 
@@ -167,3 +174,34 @@ def test_silent_server_times_out_as_unavailable():
         with pytest.raises(StorageUnavailableError, match="Timeout"):
             asyncio.run(store.check())
         assert time.monotonic() - began < 5  # 3 attempts x 0.3 s plus backoff
+
+
+def test_conditional_puts_refuse_stale_versions_and_second_creates(s3_server):
+    """Issue 13, finding 10: the tenant records' concurrency control relies on S3 conditional writes
+    (``If-None-Match: *`` to create, ``If-Match: <etag>`` to replace), sent through the SDK's
+    ``_put_object``; this pins both the server's support and the SDK's private call."""
+    store = make_store(s3_server, "conditional")
+
+    async def scenario():
+        await store.ensure_bucket()
+        first = await store.put_if("_tenants/x.json", b"1", "application/json", version=None)
+        with pytest.raises(ConcurrentWriteError):
+            await store.put_if("_tenants/x.json", b"2", "application/json", version=None)
+        data, version = await store.get_versioned("_tenants/x.json")
+        assert (data, version) == (b"1", first)
+        second = await store.put_if("_tenants/x.json", b"3", "application/json", version=version)
+        with pytest.raises(ConcurrentWriteError):
+            await store.put_if("_tenants/x.json", b"4", "application/json", version=version)
+        assert await store.get_versioned("_tenants/x.json") == (b"3", second)
+
+    asyncio.run(scenario())
+
+
+def test_a_concurrent_revocation_is_not_lost_on_s3(s3_server):
+    """Two admins (two stores, two threads) change one tenant from the same version: both land."""
+    from serve.tenants import TenantStore
+    from tests.unit.test_security_tenancy import NEW, concurrent_revocation_survives
+
+    stores = [make_store(s3_server, "tenant-records") for _ in range(2)]
+    asyncio.run(stores[0].ensure_bucket())
+    assert concurrent_revocation_survives([TenantStore(store) for store in stores]) == [NEW]

@@ -1,4 +1,5 @@
-"""A hostile HTTP server on 127.0.0.1 for the SSRF tests: redirects, lies about sizes, drips bytes.
+"""A hostile HTTP server on 127.0.0.1 for the SSRF tests: redirects, lies about sizes, drips bytes,
+answers with gzip bombs (GET and POST, so it also serves as a hostile webhook receiver).
 
 Shared by serve.fetch's own tests and the HTTP-level SSRF suite; it only ever listens on loopback and
 every slow answer is bounded (a few seconds at most, even if nobody hangs up).
@@ -7,13 +8,16 @@ every slow answer is bounded (a few seconds at most, even if nobody hangs up).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 from PIL import Image
 
 BIG = 2 * 1024 * 1024  # what the hostile endpoints try to push
@@ -26,11 +30,23 @@ def _png() -> bytes:
 
 
 PNG = _png()
+BOMB_INFLATED = 32 * 1024 * 1024  # the tests' bomb: 32 MiB of zeros in a ~32 KB gzip
+
+
+@functools.cache
+def gzip_bomb(inflated: int = BOMB_INFLATED) -> bytes:
+    """A gzip member of ``inflated`` zero bytes (~1/1000 of that on the wire), built 1 MiB at a time."""
+    packer, chunk = zlib.compressobj(9, zlib.DEFLATED, 31), bytes(1 << 20)
+    parts = [
+        packer.compress(chunk[: min(len(chunk), inflated - done)]) for done in range(0, inflated, len(chunk))
+    ]
+    return b"".join([*parts, packer.flush()])
 
 
 class HostileHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     hosts: list[str] = []  # noqa: RUF012 - Host headers seen, for the DNS-pinning test
+    requests: list[tuple[str, str, dict[str, str]]] = []  # noqa: RUF012 - (method, path, headers) seen
 
     def log_message(self, *args):  # keep pytest output clean
         pass
@@ -48,6 +64,13 @@ class HostileHandler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         HostileHandler.hosts.append(self.headers.get("Host", ""))
+        HostileHandler.requests.append(("GET", self.path, dict(self.headers)))
+        url = urlsplit(self.path)
+        self._route(url.path, parse_qs(url.query))
+
+    def do_POST(self):  # a hostile webhook receiver: same routes, the request body is read and dropped
+        HostileHandler.requests.append(("POST", self.path, dict(self.headers)))
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
         url = urlsplit(self.path)
         self._route(url.path, parse_qs(url.query))
 
@@ -80,6 +103,19 @@ class HostileHandler(BaseHTTPRequestHandler):
                 self.wfile.write(b"x")
                 self.wfile.flush()
                 time.sleep(0.5)
+        elif path == "/gzip":  # a gzip bomb, whatever Accept-Encoding asked for (?mib=N: inflated size)
+            bomb = gzip_bomb(int(query["mib"][0]) << 20) if "mib" in query else gzip_bomb()
+            headers = {"Content-Encoding": "gzip", "Content-Type": "image/png"}
+            self._send(200, {**headers, "Content-Length": str(len(bomb))}, bomb)
+        elif path == "/endless":  # a body that never ends (bounded: ~5 s, 2.5 MiB, if nobody hangs up)
+            self._send(200, {"Transfer-Encoding": "chunked", "Content-Type": "application/json"})
+            for _ in range(50):
+                self.wfile.write(b"c800\r\n" + b" " * 51200 + b"\r\n")
+                self.wfile.flush()
+                time.sleep(0.1)
+            self.wfile.write(b"0\r\n\r\n")
+        elif path.startswith("/status/"):  # /status/N: an empty answer with that status
+            self._send(int(path.rsplit("/", 1)[1]), {"Content-Length": "0"})
         else:
             self._send(404, {"Content-Length": "9"}, b"not found")
 
@@ -97,3 +133,22 @@ def hostile_server() -> Iterator[str]:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def https_redirecting_client(real_factory, target: str):
+    """A ``serve.fetch.pinned_client`` stand-in whose https:// URLs answer ``302 -> target``.
+
+    Plain-http URLs still go through the real pinned transport (so every SSRF rule applies); only the
+    https hop is simulated, so no TLS certificate is needed to test an https -> http downgrade."""
+
+    def client(policy, param="image", **kwargs):
+        inner = real_factory(policy, param, **kwargs)
+
+        async def handle(request: httpx.Request) -> httpx.Response:
+            if request.url.scheme == "https":
+                return httpx.Response(302, headers={"Location": target, "Content-Length": "0"})
+            return await inner._transport.handle_async_request(request)
+
+        return httpx.AsyncClient(transport=httpx.MockTransport(handle), follow_redirects=False)
+
+    return client

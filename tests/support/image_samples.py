@@ -89,6 +89,46 @@ def corrupt_jpeg() -> bytes:
     return bytes(jpeg)
 
 
+def jpeg_segments(data: bytes) -> list[tuple[int, int, int]]:
+    """(marker, start, end) of each marker segment of a JPEG; a scan runs to the next real marker."""
+    pos, found = 2, []
+    while pos < len(data):
+        marker = data[pos + 1]
+        if marker == 0xD9:
+            found.append((marker, pos, pos + 2))
+            return found
+        end = pos + 2 + struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+        if marker == 0xDA:  # entropy-coded data: skip stuffed bytes (FF 00) and restart markers
+            end = data.index(b"\xff", end)
+            while data[end + 1] == 0 or 0xD0 <= data[end + 1] <= 0xD7:
+                end = data.index(b"\xff", end + 2)
+        found.append((marker, pos, end))
+        pos = end
+    raise ValueError("no end-of-image marker")
+
+
+def repeat_last_scan(jpeg: bytes, repeats: int) -> bytes:
+    """The JPEG with its last scan (SOS header and data) repeated ``repeats`` more times before EOI."""
+    segments = jpeg_segments(jpeg)
+    _, start, end = [s for s in segments if s[0] == 0xDA][-1]
+    return jpeg[:end] + jpeg[start:end] * repeats + jpeg[end:]
+
+
+def jpeg_scan_bomb(size: int = 2048, repeats: int = 3000) -> bytes:
+    """Security review finding 1: a flat 2048x2048 progressive JPEG whose last scan (16 bytes: an AC
+    refinement of the luma, all zeros) is repeated 3,000 times. 71 KB; Pillow decodes it (every scan
+    revisits all 65,536 luma blocks) in ~8 s of CPU on this project's machine (the review measured ~59 s)."""
+    flat = encode(Image.new("RGB", (size, size), (128, 128, 128)), "JPEG", progressive=True, quality=90)
+    return repeat_last_scan(flat, repeats)
+
+
+def png_chunk_flood(chunks: int = 10_001) -> bytes:
+    """A valid 8x8 PNG with ``chunks`` empty private chunks after IHDR (Pillow reads each in Python)."""
+    png = encode(Image.new("RGB", (8, 8)), "PNG")
+    header_end = 8 + 25  # signature + IHDR
+    return png[:header_end] + png_chunk(b"prVt", b"") * chunks + png[header_end:]
+
+
 def truncated(fmt: str) -> bytes:
     data = encode(noise(128, 128), fmt)
     return data[: len(data) // 2]
@@ -126,4 +166,6 @@ REFUSED: dict[str, tuple[bytes, int]] = {
     "huge-dimensions": (encode(Image.new("1", (4096, 64)), "PNG"), 400),
     "decompression-bomb": (bomb_png(30000, 30000), 400),
     "pillow-built-bomb": (encode(Image.new("1", (8000, 8000)), "PNG"), 400),
+    "jpeg-scan-bomb": (jpeg_scan_bomb(), 400),
+    "png-chunk-flood": (png_chunk_flood(), 400),
 }

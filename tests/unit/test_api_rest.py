@@ -194,8 +194,9 @@ def test_style_without_negative_prompt(client, backend):
     assert backend.last.negative_prompt == STYLES["anime"].negative_suffix
 
 
-@pytest.mark.parametrize("url", ["https://hooks.example.com/done", "http://example.com:8080/x?y=1"])
-def test_http_webhook_urls_are_accepted_for_asynchronous_delivery(client, url, monkeypatch):
+@pytest.mark.parametrize("url", ["https://hooks.example.com/done", "https://example.com:8443/x?y=1"])
+def test_https_webhook_urls_are_accepted_for_asynchronous_delivery(client, url, monkeypatch):
+    """Plain http targets are refused unless the operator opts in (tests/unit/test_security_outbound.py)."""
     delivered = []
 
     async def fake_deliver(target, payload, *args, **kwargs):  # no network in unit tests

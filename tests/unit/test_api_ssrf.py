@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+import httpcore
 import pytest
 
 from serve import fetch
@@ -37,6 +38,10 @@ FORBIDDEN_TARGETS = [
     "http://[fd00::1]/a.png",  # unique local
     "http://[fe80::1]/a.png",  # link-local
     "http://224.0.0.1/a.png",  # multicast
+    "http://[fec0::1]/a.png",  # deprecated site-local (passed as public before round 2)
+    "http://192.0.0.8/a.png",  # IPv4 dummy address (passed as public before round 2)
+    "http://192.0.0.9/a.png",  # PCP anycast: the local gateway
+    "http://[64:ff9b::a9fe:a9fe]/latest/meta-data/",  # NAT64 of the metadata endpoint
 ]
 FORBIDDEN_SCHEMES = [
     "file:///etc/passwd",
@@ -69,6 +74,7 @@ def no_connections(monkeypatch):
         raise AssertionError("the network was touched")
 
     monkeypatch.setattr(fetch, "resolve_host", refuse)
+    monkeypatch.setattr(httpcore.AnyIOBackend, "connect_tcp", refuse)  # literals skip DNS: guard dialing
 
 
 @pytest.mark.parametrize("url", FORBIDDEN_TARGETS)
@@ -105,6 +111,8 @@ def test_a_name_that_resolves_to_a_private_address_is_refused(client, backend, m
     for host in ("internal.example", "mixed.example"):  # one private address among public ones is enough
         error = assert_error(rest(client, f"http://{host}/a.png"), 400, "source_image_error", param="image")
         assert "forbidden" in error["message"], error
+        for leak in ("10.1.2.3", "127.0.0.1", "private", "loopback"):  # no DNS oracle (finding 5)
+            assert leak not in str(error), error
     assert not backend.calls
 
 

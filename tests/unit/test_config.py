@@ -72,8 +72,8 @@ def test_secrets_refuse_placeholders_and_require_a_key(monkeypatch):
     monkeypatch.delenv("IMG2IMG_API_KEYS", raising=False)
     with pytest.raises(ValueError, match="no API keys"):
         Secrets().keys()
-    monkeypatch.setenv("IMG2IMG_API_KEYS", '{"k-1234567890": "acme"}')
-    assert Secrets().keys() == {"k-1234567890": "acme"}
+    monkeypatch.setenv("IMG2IMG_API_KEYS", '{"sk-acme-7f3e9a1c2b4d": "acme"}')
+    assert Secrets().keys() == {"sk-acme-7f3e9a1c2b4d": "acme"}
 
 
 def test_production_optimize_blocks_bound_the_compiled_shapes():

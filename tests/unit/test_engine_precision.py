@@ -11,8 +11,8 @@ What "equal to stock" means in half precision:
   random-weight model amplify them, so the bound is set against the *noise floor*: how far the stock
   pipeline in that dtype is from itself in float32, measured here on the same requests. Measured on
   this CPU (max |Δ|, pixels in [0, 1]): floor fp16 3.9e-3..1.1e-2, bf16 4.0e-2..9.4e-2; the engine
-  vs float32 0.77-1.14x the floor (it is as close to the float32 result as stock half precision
-  is), the engine vs stock 0.8-1.8x. The contract: engine vs float32 ≤ 1.5x floor; then by the
+  vs float32 0.66-1.23x the floor (it is as close to the float32 result as stock half precision
+  is), the engine vs stock 0.9-1.6x. The contract: engine vs float32 ≤ 1.5x floor; then by the
   triangle inequality engine vs stock ≤ (1.5 + 1)x floor. A wrong guidance formula or a dtype slip
   is far beyond either (≥ 0.3).
 """

@@ -251,10 +251,12 @@ def test_a_lying_content_length_is_caught_by_counting(small_client, backend):
 
 
 def test_a_declared_length_over_the_limit_is_refused_before_reading(small_client):
-    response = small_client.post(
-        URL, content=b" " * (SMALL + 1), headers={"Content-Type": "application/json"}
-    )
-    assert_error(response, 413, "payload_too_large")  # before authentication: the body is never read
+    oversized = b" " * (SMALL + 1)
+    response = small_client.post(URL, content=oversized, headers={**AUTH, "Content-Type": "application/json"})
+    assert_error(response, 413, "payload_too_large")
+    # Without a key the answer is 401, also before anything is read (issue 13, finding 8: the key first)
+    response = small_client.post(URL, content=oversized, headers={"Content-Type": "application/json"})
+    assert_error(response, 401, "unauthorized")
 
 
 def test_an_oversized_multipart_edit_is_a_413_in_openai_shape(small_client, backend):

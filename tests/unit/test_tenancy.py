@@ -144,7 +144,7 @@ def test_admin_cli_creates_issues_rotates_and_revokes(tmp_path, monkeypatch, cap
         "storage": {"kind": "local", "local_root": str(tmp_path / "store")},
     }
     config.write_text(yaml.safe_dump({"applications": [{"args": args}]}))
-    monkeypatch.setenv("IMG2IMG_DEV_API_KEY", "dev-key-123456")
+    monkeypatch.setenv("IMG2IMG_DEV_API_KEY", "dev-key-8Hq2xLp9Zr4W")  # the key policy: 16+ chars
 
     def cli(*argv) -> str:
         assert admin.main(["--config", str(config), *argv]) == 0
