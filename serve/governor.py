@@ -14,12 +14,15 @@ and exported as per-tenant Prometheus counters. Hour files of the earlier layout
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from inference.errors import InvalidInputError
 from serve.storage import ObjectNotFoundError, ObjectStore
+
+logger = logging.getLogger("serve.governor")
 
 USAGE_FIELDS = ("requests", "images", "steps", "compute_seconds")
 IN_FLIGHT_TTL_S = 3600.0  # a request never released (its caller crashed) stops counting after this
@@ -49,6 +52,17 @@ class _Bucket:
 
 def _hour(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H")
+
+
+def _parse_day(raw: bytes) -> dict[str, dict[str, float]]:
+    """A day object's hours, every figure a number (anything else raises)."""
+    hours = json.loads(raw)["hours"]
+    if not isinstance(hours, dict):
+        raise TypeError("hours is not an object")
+    return {
+        str(hour): {name: float(totals.get(name, 0.0)) for name in USAGE_FIELDS}
+        for hour, totals in hours.items()
+    }
 
 
 def _day_key(tenant: str, day: str) -> str:
@@ -110,9 +124,22 @@ class TenantGovernor:
             return cached
         if self.store is None:
             return {}
+        key = _day_key(tenant, day)
         try:
-            return json.loads(await self.store.get(_day_key(tenant, day)))["hours"]
+            raw = await self.store.get(key)
         except ObjectNotFoundError:
+            return {}
+        try:
+            return _parse_day(raw)
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            # One damaged object must not make /v1/usage a 500 or stop every later flush of that day:
+            # keep its bytes aside for an operator, then count the day from what this process knows.
+            aside = f"{key}.damaged-{int(time.time())}"
+            logger.error("usage object %s is unreadable (%s); kept as %s", key, type(error).__name__, aside)
+            try:
+                await self.store.put(aside, raw, "application/octet-stream")
+            except Exception:
+                logger.exception("could not keep the damaged usage object %s aside", key)
             return {}
 
     async def flush(self) -> None:

@@ -318,6 +318,25 @@ def test_usage_rollups_add_up_across_a_restart_and_unflushed_usage(tmp_path):
     assert unflushed == flushed == {"requests": 2, "images": 3, "steps": 40, "compute_seconds": 0.75}
 
 
+@pytest.mark.parametrize("damage", [b"{not json", b'{"hours": []}', b'{"hours": {"h": {"images": "x"}}}'])
+def test_a_damaged_usage_object_is_kept_aside_and_neither_fails_usage_nor_later_flushes(tmp_path, damage):
+    """The same class as a malformed tenant record (finding 11): one bad object must not make
+    /v1/usage a 500 or stop the day's later flushes; its bytes are kept for an operator."""
+    from serve.storage import LocalObjectStore
+
+    store = LocalObjectStore(tmp_path, "http://x", b"0123456789abcdef")
+    now = datetime.now(UTC)
+    day_key = f"_usage/t/{now:%Y-%m-%d}.json"
+    asyncio.run(store.put(day_key, damage, "application/json"))
+    governor = TenantGovernor(store=store)
+    governor.release("t", "r1", {"requests": 1, "images": 2, "steps": 30, "compute_seconds": 0.5})
+    asyncio.run(governor.flush())
+    totals = asyncio.run(TenantGovernor(store=store).usage("t", now - timedelta(hours=1), now))
+    assert totals["requests"] == 1 and totals["images"] == 2
+    kept = [key for key in asyncio.run(store.list("_usage/t/")) if ".damaged-" in key]
+    assert len(kept) == 1 and asyncio.run(store.get(kept[0])) == damage
+
+
 def test_event_stream_polling_backs_off_while_nothing_changes(client, app, backend, monkeypatch):
     backend.gate = client.portal.call(asyncio.Event)  # processing, progress 1 step, then nothing changes
     job = client.post(REST, json=rest_body(), headers=ASYNC).json()
