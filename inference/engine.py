@@ -144,19 +144,20 @@ class StepBatchingEngine:
         self._order = itertools.count()
         self._iteration = 0
         self._vae_scale = int(getattr(pipe, "vae_scale_factor", 8))
+        self._size_multiple = self._vae_scale * self._adapter.token_patch(pipe)
         step_params = inspect.signature(pipe.scheduler.step).parameters
         self._step_takes_eta = "eta" in step_params
         self._step_takes_generator = "generator" in step_params
-        install_row_chunking(pipe.unet)
+        install_row_chunking(self._adapter.denoiser(pipe))
 
     # ---- called from any thread ------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> None:
         """Queue a request; it is admitted between steps. Shape and text errors are raised here, at once."""
         check_request_text(request)  # the APIs' text policy, again: nothing unbounded reaches a tokenizer
-        if request.width % self._vae_scale or request.height % self._vae_scale:
+        if request.width % self._size_multiple or request.height % self._size_multiple:
             raise InvalidInputError(
-                f"image size {request.width}x{request.height} must be a multiple of {self._vae_scale}",
+                f"image size {request.width}x{request.height} must be a multiple of {self._size_multiple}",
                 param="width",
                 value=request.width,
             )
@@ -352,12 +353,11 @@ class StepBatchingEngine:
 
     def _sample_steps(self, request: GenerationRequest) -> int:
         """UNet steps one sample of ``request`` will take (``strength_timesteps`` without a scheduler)."""
-        template = self._schedule_template(request.steps)
+        template = self._schedule_template(request)
         if not self._adapter.uses_strength:
             return len(template.timesteps)
-        init = max(min(int(request.steps * request.strength), request.steps), 1)
-        start = max(request.steps - init, 0) * template.order
-        return len(template.timesteps) - start
+        start, _ = self._adapter.first_step(request.steps, request.strength)
+        return len(template.timesteps) - start * template.order
 
     def _start_account(self, tenant: str) -> None:
         """A tenant that (re)appears starts level with the least-served busy tenant: idling is no credit."""
@@ -472,16 +472,18 @@ class StepBatchingEngine:
             state.admitted_at = now
         return []
 
-    def _schedule_template(self, steps: int):
-        template = self._schedule_cache.get(steps)
+    def _schedule_template(self, request: GenerationRequest):
+        """The scheduler set for ``request``'s steps (and, for flow-matching families, its size)."""
+        key = self._adapter.schedule_key(request)
+        template = self._schedule_cache.get(key)
         if template is None:
             template = copy.deepcopy(self._pipe.scheduler)
-            template.set_timesteps(steps, device=self._pipe.device)
-            self._schedule_cache[steps] = template
+            self._adapter.set_timesteps(self._pipe, template, request)
+            self._schedule_cache[key] = template
         return template
 
-    def _schedule(self, steps: int):
-        return copy.deepcopy(self._schedule_template(steps))
+    def _schedule(self, request: GenerationRequest):
+        return copy.deepcopy(self._schedule_template(request))
 
     def _start_sample(self, state: _RequestState, index: int) -> _Sample:
         sample = self._new_sample(state, index)
@@ -493,9 +495,9 @@ class StepBatchingEngine:
     def _new_sample(self, state: _RequestState, index: int) -> _Sample:
         """A sample of ``state`` at its first timestep: its own scheduler, generator and latents."""
         request = state.request
-        scheduler = self._schedule(request.steps)
+        scheduler = self._schedule(request)
         if self._adapter.uses_strength:
-            timesteps, clamped = strength_timesteps(scheduler, request.steps, request.strength)
+            timesteps, clamped = strength_timesteps(self._adapter, scheduler, request.steps, request.strength)
             if clamped and not state.warnings:
                 state.warnings.append("strength × steps is below one step; ran one denoising step")
         else:
@@ -523,10 +525,17 @@ class StepBatchingEngine:
 
         On CPU a convolution over a batch of 1 takes another kernel than over a larger batch, so
         an exact one-row sample (no guidance) must run alone to equal its batch-1 stock call;
-        samples of 2 or 3 rows are batch-invariant once the time-embedding GEMMs are chunked.
+        samples of 2 or 3 rows are batch-invariant once the time-embedding GEMMs are chunked. The
+        transformer families (sd3, flux) have batch-variant GEMMs everywhere: their exact samples
+        each run alone.
         """
-        alone = [s for s in samples if s.rows == 1 and self._is_exact(s)]
-        shared = [s for s in samples if not (s.rows == 1 and self._is_exact(s))]
+        batch_invariant = self._adapter.exact_in_batches  # else every exact sample runs alone
+
+        def runs_alone(sample: _Sample) -> bool:
+            return self._is_exact(sample) and (sample.rows == 1 or not batch_invariant)
+
+        alone = [s for s in samples if runs_alone(s)]
+        shared = [s for s in samples if not runs_alone(s)]
         cap = self._bucket_cap(samples[0].state.bucket) if samples else 1
         chunks = [shared[i : i + cap] for i in range(0, len(shared), cap)]  # a lowered cap after an OOM
         return [[s] for s in alone] + chunks
@@ -570,38 +579,33 @@ class StepBatchingEngine:
                 self._fail(sample.state, failure, outcomes)
 
     def _denoise_batch(self, samples: list[_Sample]) -> None:
-        model_input, timesteps, hidden, added = [], [], [], {}
+        parts: dict[str, list[torch.Tensor]] = {}
         for sample in samples:
             cond = sample.state.conditioning
             expanded = torch.cat([sample.latents] * cond.rows) if cond.rows > 1 else sample.latents
-            scaled = sample.scheduler.scale_model_input(expanded, sample.timestep)
-            model_input.append(self._adapter.unet_input(cond, scaled))
-            timesteps.append(sample.timestep.expand(cond.rows))
-            hidden.append(cond.encoder_hidden_states)
-            for key, value in (cond.added_cond or {}).items():
-                added.setdefault(key, []).append(value)
+            rows = self._adapter.model_rows(cond, sample.scheduler, expanded, sample.timestep)
+            for key, value in rows.items():
+                parts.setdefault(key, []).append(value)
         exact = any(self._is_exact(s) for s in samples)
         groups = [s.rows for s in samples]
         padding = 0 if exact else self._optimize.padded_rows(sum(groups)) - sum(groups)
         if padding:  # repeat the last row up to the bucket; its outputs are dropped below
-            for parts in (model_input, timesteps, hidden, *added.values()):
-                parts.append(parts[-1][-1:].expand(padding, *parts[-1].shape[1:]))
-        unet_input = torch.cat(model_input)
+            for values in parts.values():
+                values.append(values[-1][-1:].expand(padding, *values[-1].shape[1:]))
+        inputs = {key: torch.cat(values) for key, values in parts.items()}
         if not exact or self._optimize.compile != "off":
-            # One memory layout for every call: a compiled UNet guards on strides, and latents
+            # One memory layout for every call: a compiled model guards on strides, and latents
             # inherit whatever layout the VAE's convolutions chose. (Exact mode keeps the layout
             # stock passes: oneDNN picks its convolution kernel by layout.)
             layout = torch.channels_last if self._optimize.channels_last else torch.contiguous_format
-            unet_input = unet_input.contiguous(memory_format=layout)
+            key = self._adapter.latent_input
+            if inputs[key].dim() == 4:
+                inputs[key] = inputs[key].contiguous(memory_format=layout)
+            else:
+                inputs[key] = inputs[key].contiguous()
         forward_started = time.perf_counter()
         with row_groups(groups if exact else None):
-            noise_pred = self._pipe.unet(
-                unet_input,
-                torch.cat(timesteps),
-                encoder_hidden_states=torch.cat(hidden),
-                added_cond_kwargs={k: torch.cat(v) for k, v in added.items()} or None,
-                return_dict=False,
-            )[0]
+            noise_pred = self._adapter.call_model(self._pipe, inputs, samples[0].state.conditioning)
         noise_pred = noise_pred[: sum(groups)]
         self._step_report["forward_s"] += time.perf_counter() - forward_started
         self._step_report["calls"] += 1
@@ -647,7 +651,8 @@ class StepBatchingEngine:
     def _decode_group(self, group: list[_Sample], outcomes: list[Outcome]) -> None:
         """Decode finished samples in one VAE call; an out-of-memory error splits the call in halves."""
         try:
-            pixels = self._adapter.decode(self._pipe, torch.cat([s.latents for s in group]))
+            latents = torch.cat([s.latents for s in group])
+            pixels = self._adapter.decode(self._pipe, latents, group[0].state.bucket)
             images = self._pipe.image_processor.postprocess(
                 pixels, output_type=self._output_type, do_denormalize=[True] * len(group)
             )

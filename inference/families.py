@@ -11,8 +11,10 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
 
 from inference.models import Family
@@ -35,6 +37,8 @@ class Conditioning:
     added_cond: dict[str, torch.Tensor] | None = None
     image_latents: torch.Tensor | None = None
     latent_dist: object | None = None
+    #: Model inputs shared by every row of a call rather than concatenated (FLUX's position ids).
+    shared: dict | None = None
 
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
@@ -42,17 +46,14 @@ def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.dim() - 1)))
 
 
-def strength_timesteps(scheduler, steps: int, strength: float) -> tuple[torch.Tensor, bool]:
-    """diffusers' ``get_timesteps`` for img2img, including its float truncation (``int(0.29*100) == 28``).
+def strength_timesteps(adapter, scheduler, steps: int, strength: float) -> tuple[torch.Tensor, bool]:
+    """diffusers' ``get_timesteps`` for img2img, with the family's own truncation (``first_step``).
 
     Sets the scheduler's begin index as the pipeline does. Where the stock pipeline would run zero
-    steps (``int(steps * strength) == 0``, it then fails), we run one step instead and say so: the
-    second return value is True when that happened.
+    steps (it then fails), we run one step instead and say so: the second return value is True
+    when that happened.
     """
-    init_timestep = min(int(steps * strength), steps)
-    clamped = init_timestep < 1
-    init_timestep = max(init_timestep, 1)
-    t_start = max(steps - init_timestep, 0)
+    t_start, clamped = adapter.first_step(steps, strength)
     timesteps = scheduler.timesteps[t_start * scheduler.order :]
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(t_start * scheduler.order)
@@ -63,6 +64,50 @@ class _StableDiffusion:
     """StableDiffusionImg2ImgPipeline: two-row guidance, strength-truncated schedule."""
 
     uses_strength = True
+    #: Latent pixels per model token side (FLUX packs 2x2 latents into one token).
+    #: The model input that carries the latents (its layout is normalised for compiled models).
+    latent_input = "sample"
+    #: Whether exact mode may share a call between multi-row samples (the UNet's only batch-variant
+    #: GEMMs are the time embeddings, which ``inference.exact`` runs per sample).
+    exact_in_batches = True
+
+    def denoiser(self, pipe) -> torch.nn.Module:
+        return pipe.unet
+
+    def token_patch(self, pipe) -> int:
+        """Latent pixels per model token side: image sides must be multiples of VAE scale × this."""
+        return 1
+
+    def first_step(self, steps: int, strength: float) -> tuple[int, bool]:
+        """(index of the first timestep, clamped): SD's ``int(steps * strength)`` truncation."""
+        init_timestep = min(int(steps * strength), steps)
+        return max(steps - max(init_timestep, 1), 0), init_timestep < 1
+
+    def schedule_key(self, request: GenerationRequest) -> tuple:
+        return (request.steps,)
+
+    def set_timesteps(self, pipe, scheduler, request: GenerationRequest) -> None:
+        scheduler.set_timesteps(request.steps, device=pipe.device)
+
+    def model_rows(self, cond: Conditioning, scheduler, latents: torch.Tensor, t: torch.Tensor) -> dict:
+        """One sample's rows of every model input (the engine concatenates them across samples)."""
+        rows = {
+            "sample": self.unet_input(cond, scheduler.scale_model_input(latents, t)),
+            "timestep": t.expand(cond.rows),
+            "encoder_hidden_states": cond.encoder_hidden_states,
+        }
+        rows.update(cond.added_cond or {})
+        return rows
+
+    def call_model(self, pipe, inputs: dict[str, torch.Tensor], cond: Conditioning) -> torch.Tensor:
+        added = {key: inputs[key] for key in ("text_embeds", "time_ids") if key in inputs}
+        return pipe.unet(
+            inputs["sample"],
+            inputs["timestep"],
+            encoder_hidden_states=inputs["encoder_hidden_states"],
+            added_cond_kwargs=added or None,
+            return_dict=False,
+        )[0]
 
     cfg_rows = 2
 
@@ -131,7 +176,7 @@ class _StableDiffusion:
         scale = _column([c.guidance_scale for c in conds], uncond)
         return uncond + scale * (text - uncond)
 
-    def decode(self, pipe, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, pipe, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return pipe.vae.decode(self.unscale_latents(pipe, latents), return_dict=False)[0]
 
 
@@ -222,7 +267,7 @@ class _StableDiffusionXL(_StableDiffusion):
         mean, std = stats
         return latents * std / pipe.vae.config.scaling_factor + mean
 
-    def decode(self, pipe, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, pipe, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         upcast = pipe.vae.dtype == torch.float16 and bool(pipe.vae.config.force_upcast)  # as stock
         vae = _float32_vae(pipe) if upcast else pipe.vae
         vae_dtype = next(iter(vae.post_quant_conv.parameters())).dtype
@@ -275,12 +320,175 @@ class _InstructPix2Pix(_StableDiffusion):
         image_scale = _column([c.image_guidance_scale for c in conds], text)
         return uncond + scale * (text - image) + image_scale * (image - uncond)
 
-    def decode(self, pipe, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, pipe, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+
+
+class _FlowMatching(_StableDiffusion):
+    """What SD3 and FLUX.1 share: a transformer denoiser predicting a velocity, flow-matching Euler
+    steps (``x + (σ_next − σ)·v``), latents shifted and scaled by the VAE config, and the stock
+    pipelines' float truncation of strength (``int(steps − steps · strength)``)."""
+
+    latent_input = "hidden_states"
+    exact_in_batches = False  # a transformer's GEMMs are batch-variant everywhere: exact runs alone
+    shift_defaults = (0.5, 1.15)  # calculate_shift's base/max shift as the stock pipeline defaults them
+
+    def denoiser(self, pipe) -> torch.nn.Module:
+        return pipe.transformer
+
+    def first_step(self, steps: int, strength: float) -> tuple[int, bool]:
+        init_timestep = min(steps * strength, steps)
+        t_start = int(max(steps - init_timestep, 0))
+        if steps - t_start < 1:
+            return steps - 1, True
+        return t_start, False
+
+    def _mu(self, pipe, request: GenerationRequest) -> float:
+        tokens = self.token_patch(pipe) if self.token_patch(pipe) > 1 else 2
+        seq_len = (request.height // pipe.vae_scale_factor // tokens) * (
+            request.width // pipe.vae_scale_factor // tokens
+        )
+        config = pipe.scheduler.config
+        base, top = self.shift_defaults
+        return calculate_shift(
+            seq_len,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", base),
+            config.get("max_shift", top),
+        )
+
+    def scale_latents(self, pipe, latents: torch.Tensor) -> torch.Tensor:
+        return (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+
+    def unscale_latents(self, pipe, latents: torch.Tensor) -> torch.Tensor:
+        return latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+
+    def start_latents(self, pipe, cond: Conditioning, scheduler, timesteps, generator) -> torch.Tensor:
+        """VAE sample, then noise, from the sample's own generator; ``scale_noise`` at the first step."""
+        dtype = cond.encoder_hidden_states.dtype
+        init = self.scale_latents(pipe, cond.latent_dist.sample(generator))
+        noise = randn_tensor(init.shape, generator=generator, device=pipe.device, dtype=dtype)
+        return scheduler.scale_noise(init, timesteps[:1].repeat(1), noise).to(dtype)
+
+    def decode(self, pipe, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return pipe.vae.decode(self.unscale_latents(pipe, latents), return_dict=False)[0]
+
+
+class _StableDiffusion3(_FlowMatching):
+    """StableDiffusion3Img2ImgPipeline: CFG rows (uncond, text), two CLIP encoders and an optional T5."""
+
+    shift_defaults = (0.5, 1.16)
+
+    def token_patch(self, pipe) -> int:
+        return int(pipe.transformer.config.patch_size)
+
+    def do_cfg(self, pipe, request: GenerationRequest) -> bool:
+        return request.guidance_scale > 1
+
+    def schedule_key(self, request: GenerationRequest) -> tuple:
+        return (request.steps, request.height, request.width)
+
+    def set_timesteps(self, pipe, scheduler, request: GenerationRequest) -> None:
+        kwargs = {"mu": self._mu(pipe, request)} if scheduler.config.get("use_dynamic_shifting") else {}
+        scheduler.set_timesteps(request.steps, device=pipe.device, **kwargs)
+
+    def encode_prompt(self, pipe, request: GenerationRequest) -> Conditioning:
+        cfg = self.do_cfg(pipe, request)
+        embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
+            prompt=request.prompt,
+            prompt_2=request.prompt_2,
+            prompt_3=None,
+            device=pipe.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=cfg,
+            negative_prompt=request.negative_prompt,
+            negative_prompt_2=request.negative_prompt_2,
+        )
+        if cfg:
+            embeds, pooled = torch.cat([neg_embeds, embeds]), torch.cat([neg_pooled, pooled])
+        return Conditioning(
+            2 if cfg else 1, embeds, request.guidance_scale, added_cond={"pooled_projections": pooled}
+        )
+
+    def model_rows(self, cond: Conditioning, scheduler, latents: torch.Tensor, t: torch.Tensor) -> dict:
+        return {
+            "hidden_states": latents,
+            "timestep": t.expand(cond.rows),
+            "encoder_hidden_states": cond.encoder_hidden_states,
+            "pooled_projections": cond.added_cond["pooled_projections"],
+        }
+
+    def call_model(self, pipe, inputs: dict[str, torch.Tensor], cond: Conditioning) -> torch.Tensor:
+        return pipe.transformer(**inputs, joint_attention_kwargs=None, return_dict=False)[0]
+
+
+class _Flux(_FlowMatching):
+    """FluxImg2ImgPipeline: distilled guidance as a per-sample input (one row, no CFG), 2x2-packed
+    latent tokens with size-dependent position ids, a size-dependent schedule shift, CLIP + T5."""
+
+    cfg_rows = 1
+
+    def token_patch(self, pipe) -> int:
+        return 2  # latents are packed 2x2 into tokens
+
+    def do_cfg(self, pipe, request: GenerationRequest) -> bool:
+        return False  # guidance is an embedding (true CFG with negative prompts is not served)
+
+    def schedule_key(self, request: GenerationRequest) -> tuple:
+        return (request.steps, request.height, request.width)
+
+    def set_timesteps(self, pipe, scheduler, request: GenerationRequest) -> None:
+        sigmas = np.linspace(1.0, 1 / request.steps, request.steps)
+        scheduler.set_timesteps(sigmas=sigmas, device=pipe.device, mu=self._mu(pipe, request))
+
+    def encode_prompt(self, pipe, request: GenerationRequest) -> Conditioning:
+        embeds, pooled, text_ids = pipe.encode_prompt(
+            prompt=request.prompt, prompt_2=request.prompt_2, device=pipe.device, num_images_per_prompt=1
+        )
+        added = {"pooled_projections": pooled}
+        if pipe.transformer.config.guidance_embeds:
+            added["guidance"] = torch.full(
+                [1], request.guidance_scale, device=pipe.device, dtype=torch.float32
+            )
+        height = 2 * (request.height // (pipe.vae_scale_factor * 2))
+        width = 2 * (request.width // (pipe.vae_scale_factor * 2))
+        image_ids = pipe._prepare_latent_image_ids(1, height // 2, width // 2, pipe.device, embeds.dtype)
+        shared = {"txt_ids": text_ids, "img_ids": image_ids}
+        return Conditioning(1, embeds, request.guidance_scale, added_cond=added, shared=shared)
+
+    def start_latents(self, pipe, cond: Conditioning, scheduler, timesteps, generator) -> torch.Tensor:
+        latents = super().start_latents(pipe, cond, scheduler, timesteps, generator)
+        batch, channels, height, width = latents.shape
+        return pipe._pack_latents(latents, batch, channels, height, width)
+
+    def model_rows(self, cond: Conditioning, scheduler, latents: torch.Tensor, t: torch.Tensor) -> dict:
+        rows = {
+            "hidden_states": latents,
+            "timestep": t.expand(1).to(latents.dtype) / 1000,
+            "encoder_hidden_states": cond.encoder_hidden_states,
+        }
+        rows.update(cond.added_cond)
+        return rows
+
+    def call_model(self, pipe, inputs: dict[str, torch.Tensor], cond: Conditioning) -> torch.Tensor:
+        return pipe.transformer(
+            **inputs,
+            txt_ids=cond.shared["txt_ids"],
+            img_ids=cond.shared["img_ids"],
+            joint_attention_kwargs={},
+            return_dict=False,
+        )[0]
+
+    def decode(self, pipe, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        unpacked = pipe._unpack_latents(latents, size[0], size[1], pipe.vae_scale_factor)
+        return super().decode(pipe, unpacked, size)
 
 
 ADAPTERS = {
     Family.SD: _StableDiffusion(),
     Family.SDXL: _StableDiffusionXL(),
     Family.INSTRUCT_PIX2PIX: _InstructPix2Pix(),
+    Family.SD3: _StableDiffusion3(),
+    Family.FLUX: _Flux(),
 }

@@ -518,16 +518,14 @@ def file_extension(fmt: str) -> str:
     return _EXTENSIONS[_output_format(fmt)]
 
 
-def round_to_multiple(numerator: int, denominator: int = 1) -> int:
-    """Round numerator/denominator to the nearest multiple of 8, ties up, never below 8.
+def round_to_multiple(numerator: int, denominator: int = 1, multiple: int = SIZE_MULTIPLE) -> int:
+    """Round numerator/denominator to the nearest multiple of ``multiple`` (8), ties up, never below it.
 
     Defined as ``max(8, floor((x + 4) / 8) * 8)`` in exact integer arithmetic (Python's ``round`` would
     round ties to even): 1019 -> 1016, 1020 -> 1024, 1023 -> 1024, 3 -> 8.
     """
-    half = SIZE_MULTIPLE // 2
-    return max(
-        SIZE_MULTIPLE, (numerator + half * denominator) // (SIZE_MULTIPLE * denominator) * SIZE_MULTIPLE
-    )
+    half = multiple // 2
+    return max(multiple, (numerator + half * denominator) // (multiple * denominator) * multiple)
 
 
 def _requested(value: object, param: str) -> int:
@@ -540,8 +538,11 @@ def _requested(value: object, param: str) -> int:
     return value
 
 
-def output_size(source_w: int, source_h: int, width: int, height: int, max_side: int) -> tuple[int, int]:
-    """The (width, height) to generate at, a multiple of 8 on both sides and at most ``max_side``.
+def output_size(
+    source_w: int, source_h: int, width: int, height: int, max_side: int, multiple: int = SIZE_MULTIPLE
+) -> tuple[int, int]:
+    """The (width, height) to generate at, a multiple of ``multiple`` (8; 16 for models whose
+    transformer takes 2x2 latent patches) on both sides and at most ``max_side``.
 
     * width = height = 0: the source size. Exactly one 0: that side follows the source aspect ratio from
       the given side (computed exactly, then rounded). Otherwise the requested size, stretching if the
@@ -555,21 +556,22 @@ def output_size(source_w: int, source_h: int, width: int, height: int, max_side:
     height = _requested(height, "height")
     if source_w <= 0 or source_h <= 0:
         raise ValueError(f"source size must be positive, got {source_w}x{source_h}")
-    if max_side < SIZE_MULTIPLE:
-        raise ValueError(f"max_side must be at least {SIZE_MULTIPLE}, got {max_side}")
+    if max_side < multiple:
+        raise ValueError(f"max_side must be at least {multiple}, got {max_side}")
     if width == 0 and height == 0:
-        w, h = round_to_multiple(source_w), round_to_multiple(source_h)
+        w, h = round_to_multiple(source_w, multiple=multiple), round_to_multiple(source_h, multiple=multiple)
     elif width == 0:
-        w, h = round_to_multiple(source_w * height, source_h), round_to_multiple(height)
+        w, h = (
+            round_to_multiple(source_w * height, source_h, multiple),
+            round_to_multiple(height, 1, multiple),
+        )
     elif height == 0:
-        w, h = round_to_multiple(width), round_to_multiple(source_h * width, source_w)
+        w, h = round_to_multiple(width, 1, multiple), round_to_multiple(source_h * width, source_w, multiple)
     else:
-        w, h = round_to_multiple(width), round_to_multiple(height)
+        w, h = round_to_multiple(width, 1, multiple), round_to_multiple(height, 1, multiple)
     longer = max(w, h)
     if longer > max_side:
-        w, h = (
-            max(SIZE_MULTIPLE, side * max_side // longer // SIZE_MULTIPLE * SIZE_MULTIPLE) for side in (w, h)
-        )
+        w, h = (max(multiple, side * max_side // longer // multiple * multiple) for side in (w, h))
     return w, h
 
 

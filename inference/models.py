@@ -22,6 +22,8 @@ class Family(enum.StrEnum):
     SD = "sd"
     SDXL = "sdxl"
     INSTRUCT_PIX2PIX = "instruct-pix2pix"
+    FLUX = "flux"
+    SD3 = "sd3"
 
 
 #: Parameters every family honours.
@@ -29,19 +31,60 @@ _COMMON = frozenset({"prompt", "negative_prompt", "steps", "guidance_scale", "se
 
 #: What each family honours beyond the common set. Anything else that a caller sets explicitly is
 #: ignored *with a warning in the response* (never silently misapplied): e.g. instruct-pix2pix has
-#: no strength (it always denoises from pure noise conditioned on the image latents).
+#: no strength (it always denoises from pure noise conditioned on the image latents). FLUX.1's
+#: guidance is distilled into an input embedding, so it has no negative prompt (diffusers' "true CFG"
+#: is not configured here); its ``prompt_2`` goes to the T5 encoder. SD3's ``prompt_2`` /
+#: ``negative_prompt_2`` go to its second CLIP encoder, as in diffusers (the T5 gets ``prompt``).
 HONOURED_PARAMETERS: Mapping[Family, frozenset[str]] = {
     Family.SD: _COMMON | {"strength"},
     Family.SDXL: _COMMON | {"strength", "prompt_2", "negative_prompt_2"},
     Family.INSTRUCT_PIX2PIX: _COMMON | {"image_guidance_scale"},
+    Family.FLUX: (_COMMON - {"negative_prompt"}) | {"strength", "prompt_2"},
+    Family.SD3: _COMMON | {"strength", "prompt_2", "negative_prompt_2"},
 }
 
-#: UNet rows one sample takes with full guidance (classifier-free: uncond + text; instruct-pix2pix:
-#: text + image + uncond). A compiled model's largest row bucket must hold at least this many.
-GUIDED_ROWS: Mapping[Family, int] = {Family.SD: 2, Family.SDXL: 2, Family.INSTRUCT_PIX2PIX: 3}
+#: Denoiser (UNet / transformer) rows one sample takes with full guidance (classifier-free: uncond +
+#: text; instruct-pix2pix: text + image + uncond; FLUX: one, its guidance is an input embedding).
+#: A compiled model's largest row bucket must hold at least this many.
+GUIDED_ROWS: Mapping[Family, int] = {
+    Family.SD: 2,
+    Family.SDXL: 2,
+    Family.INSTRUCT_PIX2PIX: 3,
+    Family.FLUX: 1,
+    Family.SD3: 2,
+}
 
 #: Parameters that only some families honour; these are the ones that can draw a warning.
-OPTIONAL_PARAMETERS = frozenset({"strength", "prompt_2", "negative_prompt_2", "image_guidance_scale"})
+OPTIONAL_PARAMETERS = frozenset(
+    {"negative_prompt", "strength", "prompt_2", "negative_prompt_2", "image_guidance_scale"}
+)
+
+#: Families whose image sides must be multiples of 16 rather than 8 (see ``ModelSpec.size_multiple``).
+SIZE_MULTIPLES: Mapping[Family, int] = {Family.FLUX: 16, Family.SD3: 16}
+
+#: ``default_guidance_scale`` of a spec that names none: the value each family's models are made for
+#: (FLUX.1-dev's distilled guidance 3.5, SD3's 7.0, the UNet families' 7.5).
+DEFAULT_GUIDANCE_SCALE: Mapping[Family, float] = {
+    Family.SD: 7.5,
+    Family.SDXL: 7.5,
+    Family.INSTRUCT_PIX2PIX: 7.5,
+    Family.FLUX: 3.5,
+    Family.SD3: 7.0,
+}
+
+#: What ``guidance_scale`` means per family, for ``GET /v1/models``.
+GUIDANCE_KIND: Mapping[Family, str] = {
+    Family.SD: "classifier-free",
+    Family.SDXL: "classifier-free",
+    Family.INSTRUCT_PIX2PIX: "classifier-free (text and image)",
+    Family.FLUX: "distilled (an input embedding; no negative prompt)",
+    Family.SD3: "classifier-free",
+}
+
+#: Families trained with flow matching: they denoise with (and only with) the flow-matching Euler
+#: scheduler, and are its only users.
+FLOW_MATCH_FAMILIES = frozenset({Family.FLUX, Family.SD3})
+FLOW_MATCH_SCHEDULER = "flow_match_euler"
 
 SCHEDULERS: Mapping[str, str] = {
     "ddim": "DDIMScheduler",
@@ -50,6 +93,7 @@ SCHEDULERS: Mapping[str, str] = {
     "dpmpp_2m": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
     "pndm": "PNDMScheduler",
+    FLOW_MATCH_SCHEDULER: "FlowMatchEulerDiscreteScheduler",
 }
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -75,9 +119,9 @@ class ModelSpec:
     family: Family
     source: str
     dtype: str = "float32"
-    scheduler: str = "ddim"
+    scheduler: str | None = None  # None: the family's own (flow_match_euler for flux/sd3, else ddim)
     default_steps: int = 30
-    default_guidance_scale: float = 7.5
+    default_guidance_scale: float | None = None  # None: DEFAULT_GUIDANCE_SCALE of the family
     default_strength: float = 0.7
     default_image_guidance_scale: float = 1.5
     max_side: int = 2048
@@ -97,8 +141,26 @@ class ModelSpec:
                 raise _teach("family", self.family, [f.value for f in Family]) from None
         if self.dtype not in DTYPES:
             raise _teach("dtype", self.dtype, DTYPES)
+        flow = self.family in FLOW_MATCH_FAMILIES
+        if self.scheduler is None:
+            object.__setattr__(self, "scheduler", FLOW_MATCH_SCHEDULER if flow else "ddim")
         if self.scheduler not in SCHEDULERS:
             raise _teach("scheduler", self.scheduler, SCHEDULERS)
+        if flow and self.scheduler != FLOW_MATCH_SCHEDULER:
+            raise ValueError(
+                f"model {self.id!r}: scheduler = {self.scheduler!r} cannot run family "
+                f"{self.family.value!r}, which is trained with flow matching (it predicts a velocity, not "
+                f"noise); use scheduler {FLOW_MATCH_SCHEDULER!r}"
+            )
+        if not flow and self.scheduler == FLOW_MATCH_SCHEDULER:
+            raise ValueError(
+                f"model {self.id!r}: scheduler {FLOW_MATCH_SCHEDULER!r} is only for the flow-matching "
+                f"families ({', '.join(sorted(f.value for f in FLOW_MATCH_FAMILIES))}); family "
+                f"{self.family.value!r} predicts noise: choose one of "
+                + ", ".join(repr(k) for k in SCHEDULERS if k != FLOW_MATCH_SCHEDULER)
+            )
+        if self.default_guidance_scale is None:
+            object.__setattr__(self, "default_guidance_scale", DEFAULT_GUIDANCE_SCALE[self.family])
         if not self.source:
             raise ValueError(f"model {self.id!r}: 'source' must be a hub id or a local folder")
         if not 1 <= self.default_steps <= 50:
@@ -123,6 +185,12 @@ class ModelSpec:
             for name in unused
         )
 
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's 8, times 2 where the transformer takes
+        2x2 latent patches (FLUX packs them, SD3 patchifies them)."""
+        return SIZE_MULTIPLES.get(self.family, 8)
+
     def describe(self) -> dict[str, Any]:
         """The public description served by ``GET /v1/models``."""
         return {
@@ -138,6 +206,7 @@ class ModelSpec:
                 "strength": self.default_strength,
                 "image_guidance_scale": self.default_image_guidance_scale,
             },
+            "guidance": GUIDANCE_KIND[self.family],
             "honoured_parameters": sorted(self.honoured_parameters),
             "max_side": self.max_side,
         }

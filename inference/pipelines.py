@@ -8,6 +8,7 @@ of a request must match ``run_stock(pipe, family, request, i)``.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ import torch
 import transformers
 from diffusers import (
     DiffusionPipeline,
+    FluxImg2ImgPipeline,
+    StableDiffusion3Img2ImgPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInstructPix2PixPipeline,
     StableDiffusionXLImg2ImgPipeline,
@@ -30,6 +33,8 @@ _PIPELINE_CLASSES: dict[Family, type[DiffusionPipeline]] = {
     Family.SD: StableDiffusionImg2ImgPipeline,
     Family.SDXL: StableDiffusionXLImg2ImgPipeline,
     Family.INSTRUCT_PIX2PIX: StableDiffusionInstructPix2PixPipeline,
+    Family.FLUX: FluxImg2ImgPipeline,
+    Family.SD3: StableDiffusion3Img2ImgPipeline,
 }
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -53,6 +58,23 @@ def _looks_like_path(source: str) -> bool:
         or source.count("/") > 1
         or "\\" in source
     )
+
+
+def _absent_components(folder: Path) -> dict[str, None]:
+    """``{name: None}`` for each component a saved folder records as absent (``[null, null]``).
+
+    diffusers writes an absent component (e.g. SD3 without its T5: ``text_encoder_3=None``) that way,
+    but ``from_pretrained`` only accepts it back when told again, so the folder's word is passed on.
+    """
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # from_pretrained reports a missing or broken index itself
+    return {
+        name: None
+        for name, value in index.items()
+        if not name.startswith("_") and isinstance(value, list) and value and all(v is None for v in value)
+    }
 
 
 def load_pipeline(spec: ModelSpec, device: str = "cpu") -> DiffusionPipeline:
@@ -82,8 +104,11 @@ def load_pipeline(spec: ModelSpec, device: str = "cpu") -> DiffusionPipeline:
     }
     if spec.family in (Family.SD, Family.INSTRUCT_PIX2PIX):
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    else:
+    elif spec.family is Family.SDXL:
         kwargs.update(add_watermarker=False)  # a watermark would alter the pixels the oracle compares
+    # FLUX and SD3 pipelines take neither a safety checker nor a watermarker.
+    if local:
+        kwargs.update(_absent_components(Path(source)))
     try:
         pipe = pipeline_class(spec.family).from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
@@ -125,14 +150,24 @@ def stock_kwargs(family: Family | str, request: GenerationRequest, image_index: 
         "num_images_per_prompt": 1,
         "generator": torch.Generator("cpu").manual_seed(request.seeds[image_index]),
     }
+    if family in (Family.FLUX, Family.SD3):
+        # These pipelines resize the image to height x width, which default to the model's native size
+        # (1024 px), not the image's: the image is already at the output size, so keep it.
+        kwargs.update(height=request.height, width=request.width)
     if family is Family.SD:
         kwargs["strength"] = request.strength
-    elif family is Family.SDXL:
+    elif family in (Family.SDXL, Family.SD3):
+        # SD3: prompt_2 / negative_prompt_2 go to the second CLIP encoder; the T5 (if any) gets prompt.
         kwargs.update(
             strength=request.strength,
             prompt_2=request.prompt_2,
             negative_prompt_2=request.negative_prompt_2,
         )
+    elif family is Family.FLUX:
+        # Distilled guidance, no CFG: a negative prompt would switch on diffusers' "true CFG" only
+        # with true_cfg_scale > 1, which this service does not configure. prompt_2 goes to T5.
+        del kwargs["negative_prompt"]
+        kwargs.update(strength=request.strength, prompt_2=request.prompt_2)
     else:
         kwargs["image_guidance_scale"] = request.image_guidance_scale
     return kwargs

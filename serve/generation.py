@@ -205,7 +205,9 @@ class GenerationService:
         source_bytes = await self.fetch_source(job.image, job.image_param)
         header = await self.inspect_source(source_bytes, job.image_param)
         # Only the requested width/height can fail here; EXIF orientation cannot change that.
-        output_size(header.width, header.height, job.width, job.height, min(spec.max_side, 2048))
+        output_size(
+            header.width, header.height, job.width, job.height, min(spec.max_side, 2048), spec.size_multiple
+        )
         seed = job.seed if job.seed is not None else self.seed_source()
         if self.admission is not None:
             limits = (
@@ -269,7 +271,9 @@ class GenerationService:
 
     def build_request(self, prepared: PreparedJob) -> GenerationRequest:
         job, spec, source = prepared.job, prepared.model, prepared.source
-        size = output_size(source.width, source.height, job.width, job.height, min(spec.max_side, 2048))
+        size = output_size(
+            source.width, source.height, job.width, job.height, min(spec.max_side, 2048), spec.size_multiple
+        )
         return GenerationRequest(
             request_id=job.job_id,
             model=spec.id,
@@ -281,7 +285,11 @@ class GenerationService:
             negative_prompt_2=job.negative_prompt_2,
             strength=job.strength,
             steps=job.steps,
-            guidance_scale=job.guidance_scale,
+            # A caller who chose no guidance gets the model's own (FLUX.1's distilled 3.5, SD3's 7.0),
+            # as GET /v1/models says; the API default is what the SD-class models are made for.
+            guidance_scale=(
+                job.guidance_scale if "guidance_scale" in job.explicitly_set else spec.default_guidance_scale
+            ),
             image_guidance_scale=job.image_guidance_scale,
             num_images=job.num_images,
             tenant=job.tenant,

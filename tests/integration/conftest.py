@@ -161,7 +161,13 @@ def side_app(stack: Stack, args: dict, name: str, route_prefix: str, ready_timeo
     base = f"{stack.base_url}{route_prefix}"
     try:
         if ready_timeout_s is not None:
-            ready = lambda: httpx.get(f"{base}/readyz", timeout=10).status_code == 200  # noqa: E731
+
+            def ready() -> bool:
+                try:  # a replica still loading models can make the probe itself slow: retry it
+                    return httpx.get(f"{base}/readyz", timeout=10).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
             wait_for(ready, ready_timeout_s, 0.5, f"the {name} application ready")
         yield base
     finally:

@@ -41,7 +41,13 @@ from tests.integration.conftest import _stack_args, side_app, side_client, wait_
 #: (family value, dtype) of every model this module serves over HTTP; the unit test of shipped
 #: configs requires each family production ships to be served here in one of its shipped dtypes.
 SERVED_DTYPES: frozenset[tuple[str, str]] = frozenset(
-    {("sd", "float16"), ("sdxl", "float16"), ("instruct-pix2pix", "float16")}
+    {
+        ("sd", "float16"),
+        ("sdxl", "float16"),
+        ("instruct-pix2pix", "float16"),
+        ("sd3", "bfloat16"),  # production serves the transformer families in bfloat16
+        ("flux", "bfloat16"),
+    }
 )
 
 APP_NAME, ROUTE_PREFIX, BUCKET = "half-precision", "/half", "integration-half-precision"
@@ -51,9 +57,11 @@ SIZE = 64
 
 #: Largest and mean |served - float32 stock pipeline| allowed, in 8-bit levels. Measured for float16
 #: on the tiny models, mixed strengths/steps/guidance up to 50 steps: max 3, mean <= 0.2
-#: (bfloat16: max 14, mean <= 1.2; float32: max 1 in <= 0.02% of values). An image from the wrong
-#: seed or a broken model is ~50 levels off.
-TOLERANCE = {"float16": (8, 0.5), "bfloat16": (24, 2.0), "float32": (2, 0.05)}
+#: (bfloat16: max 14, mean <= 1.2 on the UNet families, max 30, mean 2.3 on tiny FLUX, whose
+#: bfloat16-vs-float32 noise floor is ~0.09 of the pixel range in the engine tests too; float32:
+#: max 1 in <= 0.02% of values). An image from the wrong seed or a broken model is ~50 levels off
+#: on average.
+TOLERANCE = {"float16": (8, 0.5), "bfloat16": (40, 3.5), "float32": (2, 0.05)}
 #: Fewer differing channel values than this (vs the float32 oracle) means the replica did not really
 #: compute in half precision. Measured for float16: 4-12% of values differ by a level or two.
 MIN_DIFFERING_FRACTION = 0.005

@@ -22,7 +22,13 @@ from inference.types import GenerationRequest
 #: same size as diffusers' own batching of identical requests; the bound leaves room for other BLAS.
 FAST_TOLERANCE = 1e-4
 
-MODEL_IDS = {Family.SD: "tiny-sd", Family.SDXL: "tiny-sdxl", Family.INSTRUCT_PIX2PIX: "tiny-pix2pix"}
+MODEL_IDS = {
+    Family.SD: "tiny-sd",
+    Family.SDXL: "tiny-sdxl",
+    Family.INSTRUCT_PIX2PIX: "tiny-pix2pix",
+    Family.SD3: "tiny-sd3",
+    Family.FLUX: "tiny-flux",
+}
 
 # (strength, steps, guidance, image_guidance): every request different; guidance 1.0 takes one row,
 # and for pix2pix image_guidance < 1 also drops guidance (diffusers' own rule).
@@ -160,14 +166,17 @@ def test_seeds_reproduce_and_images_of_one_request_differ(pipes):
     assert not np.array_equal(runs[0].images[0], runs[0].images[1])
 
 
-def test_cancel_mid_flight_frees_the_slot_and_leaves_the_others_unchanged(pipes):
-    requests = _requests(Family.SD)
-    config = EngineConfig(max_batch_samples=4, exact=True)
-    baseline = _run_staggered(
-        StepBatchingEngine(pipes[Family.SD], Family.SD, config, output_type="np"), requests
-    )
+#: A UNet family and the two transformer (flow-matching) families, for the fault tests.
+FAULT_FAMILIES = [Family.SD, Family.SD3, Family.FLUX]
 
-    engine = StepBatchingEngine(pipes[Family.SD], Family.SD, config, output_type="np")
+
+@pytest.mark.parametrize("family", FAULT_FAMILIES, ids=lambda f: f.value)
+def test_cancel_mid_flight_frees_the_slot_and_leaves_the_others_unchanged(pipes, family):
+    requests = _requests(family)
+    config = EngineConfig(max_batch_samples=4, exact=True)
+    baseline = _run_staggered(StepBatchingEngine(pipes[family], family, config, output_type="np"), requests)
+
+    engine = StepBatchingEngine(pipes[family], family, config, output_type="np")
     for request in requests:
         engine.submit(request)
     outcomes = engine.step()[0] + engine.step()[0]
@@ -220,13 +229,14 @@ def test_strength_below_one_step_runs_one_step_with_a_warning(pipes):
     assert outcome.result.warnings
 
 
-def test_a_request_that_breaks_the_unet_fails_alone(pipes, monkeypatch):
-    pipe = pipes[Family.SD]
-    requests = _requests(Family.SD)
+@pytest.mark.parametrize("family", FAULT_FAMILIES, ids=lambda f: f.value)
+def test_a_request_that_breaks_the_denoiser_fails_alone(pipes, monkeypatch, family):
+    pipe = pipes[family]
+    requests = _requests(family)
     config = EngineConfig(max_batch_samples=8, exact=True)
-    baseline = _run_staggered(StepBatchingEngine(pipe, Family.SD, config, output_type="np"), requests)
+    baseline = _run_staggered(StepBatchingEngine(pipe, family, config, output_type="np"), requests)
 
-    engine = StepBatchingEngine(pipe, Family.SD, config, output_type="np")
+    engine = StepBatchingEngine(pipe, family, config, output_type="np")
     poisoned = requests[2].request_id
     adapter_start = engine._adapter.start_latents
 
@@ -243,16 +253,18 @@ def test_a_request_that_breaks_the_unet_fails_alone(pipes, monkeypatch):
             poison_marker[0] = cond.encoder_hidden_states
         return cond
 
-    real_forward = pipe.unet.forward
+    denoiser = engine._adapter.denoiser(pipe)
+    real_forward = denoiser.forward
 
-    def forward(sample, *args, **kwargs):
-        if torch.isnan(sample).any():
+    def forward(*args, **kwargs):
+        latents = args[0] if args else kwargs["hidden_states"]
+        if torch.isnan(latents).any():
             raise RuntimeError("NaN input")
-        return real_forward(sample, *args, **kwargs)
+        return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(engine._adapter, "start_latents", start_latents)
     monkeypatch.setattr(engine._adapter, "encode_prompt", condition)
-    monkeypatch.setattr(pipe.unet, "forward", forward)
+    monkeypatch.setattr(denoiser, "forward", forward)
     for request in requests:
         engine.submit(request)
     outcomes = {o.request_id: o for o in engine.run_until_idle()}

@@ -27,14 +27,16 @@ def pipes(tiny_registry):
 
 
 def _record_unet_rows(pipe, monkeypatch) -> list[int]:
+    """The row count of every denoiser call from now on (UNet or transformer)."""
     rows: list[int] = []
-    real_forward = pipe.unet.forward
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    real_forward = denoiser.forward
 
-    def forward(sample, *args, **kwargs):
-        rows.append(sample.shape[0])
-        return real_forward(sample, *args, **kwargs)
+    def forward(*args, **kwargs):
+        rows.append((args[0] if args else kwargs["hidden_states"]).shape[0])
+        return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(pipe.unet, "forward", forward)
+    monkeypatch.setattr(denoiser, "forward", forward)
     return rows
 
 

@@ -49,15 +49,17 @@ def _registry() -> ModelRegistry:
             {"id": "sd15", "family": "sd", "source": "org/sd15"},
             {"id": "xl", "family": "sdxl", "source": "/models/xl", "dtype": "float16"},
             {"id": "p2p", "family": "instruct-pix2pix", "source": "org/p2p", "scheduler": "euler"},
+            {"id": "flux", "family": "flux", "source": "org/flux", "dtype": "bfloat16"},
+            {"id": "sd3", "family": "sd3", "source": "org/sd3", "scheduler": "flow_match_euler"},
         ]
     )
 
 
 def test_unknown_model_is_a_client_error_listing_the_known_ones():
     with pytest.raises(errors.UnknownModelError) as caught:
-        _registry().get("sd3")
+        _registry().get("sd4")
     assert caught.value.param == "model"
-    assert "sd15, xl, p2p" in caught.value.message
+    assert "sd15, xl, p2p, flux, sd3" in caught.value.message
 
 
 def test_the_first_model_is_the_default():
@@ -71,6 +73,14 @@ def test_the_first_model_is_the_default():
         ("xl", {"prompt_2", "negative_prompt_2", "image_guidance_scale"}, ["image_guidance_scale"]),
         ("p2p", {"strength", "image_guidance_scale", "prompt_2"}, ["prompt_2", "strength"]),
         ("p2p", set(), []),
+        (
+            "flux",
+            {"negative_prompt", "prompt_2", "strength", "image_guidance_scale"},
+            ["image_guidance_scale", "negative_prompt"],
+        ),
+        ("flux", {"negative_prompt_2"}, ["negative_prompt_2"]),
+        ("sd3", {"negative_prompt", "prompt_2", "negative_prompt_2", "strength"}, []),
+        ("sd3", {"image_guidance_scale"}, ["image_guidance_scale"]),
     ],
 )
 def test_parameters_a_family_does_not_use_draw_a_warning_only_when_set(model_id, explicit, ignored):
@@ -83,6 +93,38 @@ def test_describe_lists_defaults_and_honoured_parameters():
     assert described["family"] == "instruct-pix2pix"
     assert "image_guidance_scale" in described["honoured_parameters"]
     assert "strength" not in described["honoured_parameters"]
+
+
+def test_flow_matching_families_describe_their_own_defaults():
+    registry = _registry()
+    flux, sd3, sd = registry.get("flux"), registry.get("sd3"), registry.get("sd15")
+    assert (flux.scheduler, sd3.scheduler, sd.scheduler) == ("flow_match_euler", "flow_match_euler", "ddim")
+    assert (flux.default_guidance_scale, sd3.default_guidance_scale, sd.default_guidance_scale) == (
+        3.5,
+        7.0,
+        7.5,
+    )
+    described = flux.describe()
+    assert described["defaults"]["guidance_scale"] == 3.5 and "distilled" in described["guidance"]
+    assert "negative_prompt" not in described["honoured_parameters"]
+    assert {"prompt_2", "strength", "guidance_scale"} <= set(described["honoured_parameters"])
+    assert (
+        ModelSpec(id="f", family="flux", source="x", default_guidance_scale=5.0).default_guidance_scale == 5.0
+    )
+
+
+@pytest.mark.parametrize(
+    ("family", "scheduler", "fragment"),
+    [
+        ("flux", "ddim", "use scheduler 'flow_match_euler'"),
+        ("sd3", "euler", "flow matching"),
+        ("sd", "flow_match_euler", "only for the flow-matching families"),
+        ("sdxl", "flow_match_euler", "choose one of 'ddim'"),
+    ],
+)
+def test_flow_match_scheduler_goes_with_flow_matching_families_only(family, scheduler, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        ModelSpec(id="a", family=family, source="x", scheduler=scheduler)
 
 
 @pytest.mark.parametrize(
@@ -109,7 +151,7 @@ def test_duplicate_and_empty_registries_are_refused():
 
 
 def test_family_values():
-    assert [f.value for f in Family] == ["sd", "sdxl", "instruct-pix2pix"]
+    assert [f.value for f in Family] == ["sd", "sdxl", "instruct-pix2pix", "flux", "sd3"]
     assert ModelSpec(id="a", family="sd", source="x").family is Family.SD
 
 

@@ -62,12 +62,13 @@ def test_tokenizer_distinguishes_prompts():
 
 
 def test_specs_are_valid_smoke_entries(tiny_registry, tiny_model_dirs):
-    assert tiny_registry.ids == ("tiny-sd", "tiny-sdxl", "tiny-pix2pix")
+    assert tiny_registry.ids == ("tiny-sd", "tiny-sdxl", "tiny-pix2pix", "tiny-flux", "tiny-sd3")
     assert tiny_registry.default.id == "tiny-sd"
     for spec in tiny_registry.specs:
         assert spec.smoke and "noise" in spec.description
         assert spec.source == str(tiny_model_dirs[spec.family])
-        assert spec.default_steps == 20 and spec.scheduler == "ddim"
+        flow = spec.family in (Family.FLUX, Family.SD3)
+        assert spec.default_steps == 20 and spec.scheduler == ("flow_match_euler" if flow else "ddim")
         assert "noise" in (tiny_model_dirs[spec.family] / README_NAME).read_text().lower()
 
 
@@ -76,7 +77,8 @@ def test_saved_model_loads_back_with_equal_weights(family, tiny_registry, pipes)
     built = build_tiny_pipeline(family, seed=0)
     loaded = pipes[family]
     assert isinstance(loaded, pipeline_class(family))
-    assert type(loaded.scheduler).__name__ == "DDIMScheduler"
+    flow = family in (Family.FLUX, Family.SD3)
+    assert type(loaded.scheduler).__name__ == ("FlowMatchEulerDiscreteScheduler" if flow else "DDIMScheduler")
     for name, module in built.components.items():
         if not isinstance(module, torch.nn.Module):
             continue
