@@ -216,8 +216,10 @@ def derived_serve_config(http_port: int) -> dict[str, Any]:
     config = yaml.safe_load(LOCAL_CONFIG.read_text())
     config["http_options"].update({"host": HOST, "port": http_port})
     app = config["applications"][0]
-    for model in app["args"]["models"]:
-        model["resources"] = {INFERENCE_RESOURCE: 1}
+    models = app["args"]["models"]
+    for model in models:
+        # The inference node offers one unit; every model replica (one per family) takes its share.
+        model["resources"] = {INFERENCE_RESOURCE: round(1 / len(models), 4)}
         source = Path(model["spec"]["source"])
         if not source.is_absolute() and (ROOT / source).parent.is_dir():
             model["spec"]["source"] = str(ROOT / source)  # replicas may run with another cwd

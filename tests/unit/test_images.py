@@ -439,3 +439,15 @@ def test_module_does_not_import_torch():
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_transformer_families_get_sides_in_multiples_of_16():
+    """FLUX packs and SD3 patchifies 2x2 latents: a 72-px side becomes 80 there, 72 elsewhere."""
+    from inference.models import Family, ModelSpec
+
+    flux = ModelSpec(id="f", family=Family.FLUX, source="org/f")
+    sd = ModelSpec(id="s", family=Family.SD, source="org/s")
+    assert (flux.size_multiple, sd.size_multiple) == (16, 8)
+    assert output_size(72, 72, 0, 0, 2048, flux.size_multiple) == (80, 80)
+    assert output_size(72, 72, 0, 0, 2048, sd.size_multiple) == (72, 72)
+    assert output_size(3000, 1000, 0, 0, 1440, 16) == (1440, 480)
