@@ -1,12 +1,17 @@
 """Step-level batching vs the stock pipeline: throughput and latency, measured side by side.
 
-What it measures, on the tiny random-weight ``sd`` model (DDIM) on CPU, for each image size:
+What it measures, on a tiny random-weight model on CPU (``--family``: ``sd``, DDIM, the default;
+``flux`` or ``sd3``, flow matching, image sides multiples of 16), for each image size:
 
 - (a) the stock diffusers img2img pipeline, one request at a time;
 - (b) request-level batching: the oldest arrived request plus up to 7 more arrived requests with the
-  same (strength, steps, guidance), in ONE stock pipeline call with one generator per request (what
-  ``@serve.batch`` over a stock pipeline can do at best);
-- (c) ``StepBatchingEngine`` with ``max_batch_samples=8`` (fast mode) and (c-exact) with ``exact=True``.
+  same (strength, steps, guidance) -- every parameter the stock call takes as a scalar (FLUX has no
+  negative prompt and no CFG rows, but its distilled guidance is still one scalar per call) -- in ONE
+  stock pipeline call with one generator per request (what ``@serve.batch`` over a stock pipeline can
+  do at best);
+- (c) ``StepBatchingEngine`` with ``max_batch_samples=8`` (fast mode) and, for ``sd`` only, (c-exact)
+  with ``exact=True`` (on ``flux`` / ``sd3`` an exact sample runs alone in every transformer call, so
+  there is no batching to measure).
 
 under two arrival patterns: all requests at t=0, and an open-loop Poisson stream at rate λ simulated on
 the wall clock (each server loop only sees requests whose arrival time has passed; latency is completion
@@ -19,7 +24,11 @@ t=0: (c)/(b) = 2.15x at 64 px and 1.56x at 128 px ((c)/(a) = 2.81x / 2.08x); wit
 kept p95 latency at a half to a quarter of (a) and (b). Compare the ratios, not the absolute figures:
 the tiny model here is not the prototype's (narrower VAE, fewer attention heads) and the machine is shared.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/engine_batching.py [--quick] [--json out.json]
+    PYTHONPATH=. .venv/bin/python benchmarks/engine_batching.py [--family sd|flux|sd3] [--quick] \
+        [--json out.json]
+
+The ``sd`` figures above are for ``sd``; ``flux`` and ``sd3`` have their own default Poisson rates
+(``FAMILY_RATES``), set from what (a) sustains for each tiny model on 2 cores.
 """
 
 from __future__ import annotations
@@ -41,9 +50,9 @@ import torch
 from PIL import Image
 
 from inference.engine import EngineConfig, StepBatchingEngine
-from inference.models import Family, ModelSpec
-from inference.pipelines import load_pipeline
-from inference.tiny import TINY_MODEL_IDS, ensure_tiny_models
+from inference.models import SIZE_MULTIPLES, Family, ModelSpec
+from inference.pipelines import load_pipeline, stock_kwargs
+from inference.tiny import TINY_MODEL_IDS, ensure_tiny_models, tiny_model_specs
 from inference.types import GenerationRequest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -56,9 +65,26 @@ NEGATIVE_PROMPTS = ("blurry", "low quality", "text, watermark")
 # About 1.3x and 2x what (a) sustains with this tiny model on 2 cores (4.5 img/s at 64 px, 2.5 at 128 px),
 # and under what (c) sustains: loaded, not hopeless. (The prototype's model was ~2x faster: 12/20 and 8/12.)
 DEFAULT_RATES = {64: (6.0, 10.0), 128: (3.0, 5.0)}
+# Per family. The tiny FLUX / SD3 models are faster and batch less: (a) sustains ~10 img/s at 64 px and
+# ~8 at 128 px on 2 cores, (c) only 1.2-1.5x that at t=0, so their rates are ~0.9x and ~1.3x of (a).
+FAMILY_RATES: dict[Family, dict[int, tuple[float, ...]]] = {
+    Family.SD: DEFAULT_RATES,
+    Family.FLUX: {64: (9.0, 13.0), 128: (7.0, 10.0)},
+    Family.SD3: {64: (9.0, 13.0), 128: (7.0, 10.0)},
+}
+FAMILIES = (Family.SD, Family.FLUX, Family.SD3)
 CAP = 8
 METHODS = ("a", "b", "c", "c-exact")
 RATIOS = (("b", "a"), ("c", "a"), ("c", "b"), ("c-exact", "b"))
+# Per-request arguments of the stock call (a list in a batched call); every other one is a scalar.
+PER_REQUEST_KWARGS = frozenset(
+    {"prompt", "prompt_2", "negative_prompt", "negative_prompt_2", "image", "generator"}
+)
+
+
+def family_methods(family: Family) -> tuple[str, ...]:
+    """(c-exact) only for ``sd``: on flux / sd3 exact samples never share a transformer call."""
+    return METHODS if family is Family.SD else tuple(m for m in METHODS if m != "c-exact")
 
 
 @dataclass(frozen=True)
@@ -67,9 +93,10 @@ class Job:
     arrival: float  # seconds after the start of the run
 
     @property
-    def key(self) -> tuple[float, int, float]:
+    def key(self) -> tuple[float, int, float, int, int]:
+        """The stock call's scalars that vary per request (``stock_call`` checks there are no others)."""
         r = self.request
-        return (r.strength, r.steps, r.guidance_scale)
+        return (r.strength, r.steps, r.guidance_scale, r.width, r.height)
 
 
 @dataclass
@@ -84,8 +111,11 @@ class Run:
 # ---- workload ----------------------------------------------------------------------------------------
 
 
-def make_requests(count: int, size: int, mix: str, seed: int) -> list[GenerationRequest]:
-    """``count`` requests with parameters drawn from ``mix``, distinct seeds, one source image."""
+def make_requests(
+    count: int, size: int, mix: str, seed: int, family: Family = Family.SD
+) -> list[GenerationRequest]:
+    """``count`` requests for ``family``'s tiny model with parameters drawn from ``mix``, distinct
+    seeds, one source image (FLUX ignores the negative prompt: it is left unset there)."""
     rng = random.Random(seed)
     pixels = np.random.default_rng(seed + size).integers(0, 256, (size, size, 3), dtype=np.uint8)
     image = Image.fromarray(pixels)
@@ -93,9 +123,9 @@ def make_requests(count: int, size: int, mix: str, seed: int) -> list[Generation
     return [
         GenerationRequest(
             request_id=f"{size}-{i}",
-            model=TINY_MODEL_IDS[Family.SD],
+            model=TINY_MODEL_IDS[family],
             prompt=rng.choice(PROMPTS),
-            negative_prompt=rng.choice(NEGATIVE_PROMPTS),
+            negative_prompt=None if family is Family.FLUX else rng.choice(NEGATIVE_PROMPTS),
             image=image,
             seed=seed * 10_000 + i,
             strength=rng.choice(strengths),
@@ -144,23 +174,30 @@ def _check_images(images: list, jobs: list[Job]) -> None:
             raise AssertionError(f"{job.request.request_id}: got a {image.size} image")
 
 
-def stock_call(pipe, jobs: list[Job]) -> list:
-    """One stock pipeline call for requests sharing (strength, steps, guidance), a generator each."""
-    strength, steps, guidance = jobs[0].key
-    result = pipe(
-        prompt=[j.request.prompt for j in jobs],
-        negative_prompt=[j.request.negative_prompt for j in jobs],
-        image=[j.request.image for j in jobs],
-        strength=strength,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=[torch.Generator("cpu").manual_seed(j.request.seed) for j in jobs],
-    )
+def batched_kwargs(family: Family, jobs: list[Job]) -> dict:
+    """The stock call for ``jobs`` in one go: ``stock_kwargs`` of each, per-request arguments as lists
+    (None when unset for all), scalars shared (an error if the jobs disagree on one)."""
+    each = [stock_kwargs(family, j.request, 0) for j in jobs]
+    kwargs = {}
+    for name in each[0]:
+        values = [kw[name] for kw in each]
+        if name in PER_REQUEST_KWARGS:
+            kwargs[name] = None if all(v is None for v in values) else values
+        elif any(v != values[0] for v in values):
+            raise AssertionError(f"jobs grouped into one stock call disagree on {name}: {values}")
+        else:
+            kwargs[name] = values[0]
+    return kwargs
+
+
+def stock_call(pipe, family: Family, jobs: list[Job]) -> list:
+    """One stock pipeline call for requests sharing every scalar argument, a generator each."""
+    result = pipe(**batched_kwargs(family, jobs))
     _check_images(result.images, jobs)
     return result.images
 
 
-def serve_stock(pipe, jobs: list[Job], cap: int) -> Run:
+def serve_stock(pipe, family: Family, jobs: list[Job], cap: int) -> Run:
     """(a) with ``cap`` 1, (b) otherwise: oldest arrived request plus arrived ones with its key."""
     run, clock = Run(), Clock()
     upcoming, arrived = deque(sorted(jobs, key=lambda j: j.arrival)), []
@@ -171,7 +208,7 @@ def serve_stock(pipe, jobs: list[Job], cap: int) -> Run:
             clock.wait_until(upcoming[0].arrival)
             continue
         group = [j for j in arrived if j.key == arrived[0].key][:cap]
-        images = stock_call(pipe, group)
+        images = stock_call(pipe, family, group)
         done = clock.now()
         arrived = [j for j in arrived if j not in group]
         run.finished.update((j.request.request_id, done) for j in group)
@@ -205,16 +242,18 @@ def serve_engine(engine: StepBatchingEngine, jobs: list[Job]) -> Run:
 # ---- measuring ---------------------------------------------------------------------------------------
 
 
-def make_servers(pipe) -> dict:
-    """Each method as a function of the jobs it serves."""
-    fast = StepBatchingEngine(pipe, Family.SD, EngineConfig(max_batch_samples=CAP))
-    exact = StepBatchingEngine(pipe, Family.SD, EngineConfig(max_batch_samples=CAP, exact=True))
-    return {
-        "a": lambda jobs: serve_stock(pipe, jobs, cap=1),
-        "b": lambda jobs: serve_stock(pipe, jobs, cap=CAP),
+def make_servers(pipe, family: Family = Family.SD) -> dict:
+    """Each of ``family_methods(family)`` as a function of the jobs it serves."""
+    fast = StepBatchingEngine(pipe, family, EngineConfig(max_batch_samples=CAP))
+    servers = {
+        "a": lambda jobs: serve_stock(pipe, family, jobs, cap=1),
+        "b": lambda jobs: serve_stock(pipe, family, jobs, cap=CAP),
         "c": lambda jobs: serve_engine(fast, jobs),
-        "c-exact": lambda jobs: serve_engine(exact, jobs),
     }
+    if "c-exact" in family_methods(family):
+        exact = StepBatchingEngine(pipe, family, EngineConfig(max_batch_samples=CAP, exact=True))
+        servers["c-exact"] = lambda jobs: serve_engine(exact, jobs)
+    return servers
 
 
 def summarise(run: Run, jobs: list[Job]) -> dict[str, float]:
@@ -233,15 +272,20 @@ def summarise(run: Run, jobs: list[Job]) -> dict[str, float]:
 
 def measure(servers: dict, jobs: list[Job], repeats: int) -> dict[str, dict[str, float]]:
     """Median of each figure over ``repeats`` runs, rotating the method order every repetition."""
-    per_method: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
+    methods = tuple(m for m in METHODS if m in servers)
+    per_method: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
     for rep in range(repeats):
-        for method in METHODS[rep % len(METHODS) :] + METHODS[: rep % len(METHODS)]:
+        for method in methods[rep % len(methods) :] + methods[: rep % len(methods)]:
             per_method[method].append(summarise(servers[method](jobs), jobs))
     return {m: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for m, runs in per_method.items()}
 
 
 def ratios(figures: dict[str, dict[str, float]]) -> dict[str, float]:
-    return {f"({x})/({y})": figures[x]["images_per_s"] / figures[y]["images_per_s"] for x, y in RATIOS}
+    return {
+        f"({x})/({y})": figures[x]["images_per_s"] / figures[y]["images_per_s"]
+        for x, y in RATIOS
+        if x in figures and y in figures
+    }
 
 
 # ---- reporting ---------------------------------------------------------------------------------------
@@ -263,9 +307,11 @@ def table(title: str, figures: dict[str, dict[str, float]], ratio: dict[str, flo
     return "\n".join(lines)
 
 
-def parse_rates(tokens: list[str] | None, sizes: list[int]) -> dict[int, list[float]]:
+def parse_rates(
+    tokens: list[str] | None, sizes: list[int], family: Family = Family.SD
+) -> dict[int, list[float]]:
     """``SIZE:R1,R2`` sets one size's rates; a bare number is a rate for every size."""
-    rates = {s: list(DEFAULT_RATES.get(s, ())) for s in sizes}
+    rates = {s: list(FAMILY_RATES[family].get(s, ())) for s in sizes}
     if tokens:
         rates = {s: [] for s in sizes}
         for token in tokens:
@@ -277,6 +323,7 @@ def parse_rates(tokens: list[str] | None, sizes: list[int]) -> dict[int, list[fl
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--family", type=Family, choices=FAMILIES, default=Family.SD, help="tiny model")
     parser.add_argument("--models-dir", type=Path, default=REPO_ROOT / ".cache" / "models")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--mix", choices=sorted(MIXES), default="diverse")
@@ -290,25 +337,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.repeats, args.sizes = 8, 1, [64]
+    multiple = SIZE_MULTIPLES.get(args.family, 8)
+    for size in args.sizes:
+        if size % multiple:
+            parser.error(f"--sizes: {size} is not a multiple of {multiple} (family {args.family.value})")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    folder = ensure_tiny_models(args.models_dir)[Family.SD]
-    pipe = load_pipeline(ModelSpec(id="tiny-sd", family=Family.SD, source=str(folder), scheduler="ddim"))
-    servers = make_servers(pipe)
-    rates = parse_rates(args.rates, args.sizes)
-    print(f"# Step-level batching benchmark ({args.mix} mix, {args.requests} requests, cap {CAP}, ", end="")
+    family = args.family
+    ensure_tiny_models(args.models_dir)
+    spec = next(s for s in tiny_model_specs(args.models_dir) if s["id"] == TINY_MODEL_IDS[family])
+    pipe = load_pipeline(ModelSpec(**spec))
+    servers = make_servers(pipe, family)
+    methods = tuple(m for m in METHODS if m in servers)
+    rates = parse_rates(args.rates, args.sizes, family)
+    print(f"# Step-level batching benchmark ({spec['id']}, {spec['scheduler']}, {args.mix} mix, ", end="")
+    print(f"{args.requests} requests, cap {CAP}, ", end="")
     print(f"{args.repeats} repeats, {args.threads} threads, torch {torch.__version__})\n")
     results = []
     for size in args.sizes:
-        requests = make_requests(args.requests, size, args.mix, args.seed)
-        keys = len({(r.strength, r.steps, r.guidance_scale) for r in requests})
+        requests = make_requests(args.requests, size, args.mix, args.seed, family)
+        keys = len({Job(r, 0.0).key for r in requests})
         print(f"## {size}x{size}: {keys} distinct keys, {sample_steps(requests)} UNet sample-steps\n")
         warm = [Job(r, 0.0) for r in requests[:CAP]]
-        for method in METHODS:
+        for method in methods:
             servers[method](warm)
         for rate in [None, *rates[size]]:
             arrivals = arrival_times(len(requests), rate, args.seed)
@@ -317,7 +372,15 @@ def main(argv: list[str] | None = None) -> int:
             pattern = "all at t=0" if rate is None else f"Poisson λ={rate:g}/s"
             pattern += f" (1-min load average after: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
             print(table(f"{size} px, {pattern}", figures, ratios(figures)), flush=True)
-            results.append({"size": size, "rate": rate, "figures": figures, "ratios": ratios(figures)})
+            results.append(
+                {
+                    "family": family.value,
+                    "size": size,
+                    "rate": rate,
+                    "figures": figures,
+                    "ratios": ratios(figures),
+                }
+            )
     if args.json:
         config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         args.json.write_text(json.dumps({"config": config, "results": results}, indent=2), encoding="utf-8")
