@@ -250,8 +250,8 @@ def _reason(error: Exception) -> str:
             ]
             return "; ".join(parts)[:300]
         except Exception:  # an odd error object: fall back to its type
-            pass
-    return f"{type(error).__name__}"
+            return type(error).__name__
+    return type(error).__name__
 
 
 def _skipped_gauge():
