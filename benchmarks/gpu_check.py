@@ -79,6 +79,7 @@ from benchmarks.gpu_sd15 import (  # noqa: E402
     Run,
     UNetTimer,
     build_sd15,
+    clip_text_config,
     default_peak,
     device_label,
     dynamo_graphs,
@@ -254,11 +255,7 @@ def build_sdxl(device: torch.device, dtype: torch.dtype, seed: int) -> StableDif
     tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer()  # stand-in vocabulary, 77 tokens
 
     def text_config(name: str) -> CLIPTextConfig:
-        config = CLIPTextConfig.from_dict(_sdxl_config(name))
-        config.bos_token_id = tokenizer.bos_token_id
-        config.eos_token_id = tokenizer.eos_token_id
-        config.pad_token_id = tokenizer.pad_token_id
-        return config
+        return clip_text_config(_sdxl_config(name), tokenizer)
 
     with torch.device(device):
         torch.manual_seed(seed)

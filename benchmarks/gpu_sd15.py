@@ -90,13 +90,19 @@ def _config(name: str) -> dict:
     return json.loads((CONFIG_DIR / name).read_text(encoding="utf-8"))
 
 
-def build_sd15(device: torch.device, dtype: torch.dtype, seed: int) -> StableDiffusionImg2ImgPipeline:
-    """SD1.5's architecture with random weights (same seed, same weights), on ``device`` in ``dtype``."""
-    tokenizer = build_tokenizer()  # stand-in byte-level vocabulary, model_max_length 77
-    text_config = CLIPTextConfig.from_dict(_config("text_encoder.json"))
+def clip_text_config(config: dict, tokenizer) -> CLIPTextConfig:
+    """A published CLIP text-encoder config whose special token ids follow the stand-in tokenizer."""
+    text_config = CLIPTextConfig.from_dict(config)
     text_config.bos_token_id = tokenizer.bos_token_id
     text_config.eos_token_id = tokenizer.eos_token_id
     text_config.pad_token_id = tokenizer.pad_token_id
+    return text_config
+
+
+def build_sd15(device: torch.device, dtype: torch.dtype, seed: int) -> StableDiffusionImg2ImgPipeline:
+    """SD1.5's architecture with random weights (same seed, same weights), on ``device`` in ``dtype``."""
+    tokenizer = build_tokenizer()  # stand-in byte-level vocabulary, model_max_length 77
+    text_config = clip_text_config(_config("text_encoder.json"), tokenizer)
     with torch.device(device):  # initialise in place: a GPU draws 1B random weights in a blink
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(text_config)
