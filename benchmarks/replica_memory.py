@@ -72,7 +72,7 @@ async def run(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
-    from serve.worker import ModelWorker
+    from serve.deployments.model_worker import ModelWorker
 
     folder = ensure_tiny_models(ROOT / ".cache" / "tiny-models")[Family.SD]
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)

@@ -5,9 +5,9 @@ job coordinator from 165 MB to 2.1 GB RSS, because delivery read the whole answe
 gunzip it. This script measures both delivery paths side by side, each in a fresh process (so neither
 inherits the other's heap), against the same three receivers on 127.0.0.1:
 
-* ``old``: what ``serve.webhooks.deliver`` did before: the pinned httpx client, ``client.post`` (reads
+* ``old``: what ``serve.jobs.webhooks.deliver`` did before: the pinned httpx client, ``client.post`` (reads
   the whole body; httpx asks for gzip and decodes it);
-* ``new``: ``serve.webhooks.deliver`` as shipped (asks for ``identity``, streams, never reads the body).
+* ``new``: ``serve.jobs.webhooks.deliver`` as shipped (asks for ``identity``, streams, never reads the body).
 
 Each receiver answers every POST with ``Content-Encoding: gzip`` and ~0.5 MB of gzip that inflates
 to 512 MiB (``--inflated-mib``). Printed per path: RSS after imports (baseline), peak RSS (VmHWM),
@@ -76,7 +76,7 @@ def _receivers(bomb: bytes) -> tuple[list[str], list[ThreadingHTTPServer]]:
 
 async def _deliver_old(urls: list[str], payload: dict) -> list[int]:
     """The delivery path before round 2, verbatim in what matters: ``client.post`` on the pinned client."""
-    from serve.fetch import FetchPolicy, pinned_client
+    from serve.outbound.fetch import FetchPolicy, pinned_client
 
     policy = FetchPolicy(allow_networks=("127.0.0.1/32",))
     body = json.dumps(payload).encode()
@@ -90,8 +90,8 @@ async def _deliver_old(urls: list[str], payload: dict) -> list[int]:
 
 
 async def _deliver_new(urls: list[str], payload: dict) -> list[int]:
-    from serve.fetch import FetchPolicy
-    from serve.webhooks import WebhookPolicy, deliver
+    from serve.jobs.webhooks import WebhookPolicy, deliver
+    from serve.outbound.fetch import FetchPolicy
 
     fetch_policy = FetchPolicy(allow_networks=("127.0.0.1/32",))
     policy = WebhookPolicy(max_attempts=1, timeout_s=30)
@@ -111,7 +111,7 @@ async def _deliver_new(urls: list[str], payload: dict) -> list[int]:
 
 
 def child(mode: str, urls: list[str]) -> None:
-    import serve.webhooks  # noqa: F401 - the baseline includes what a coordinator has loaded
+    import serve.jobs.webhooks  # noqa: F401 - the baseline includes what a coordinator has loaded
 
     payload = {"id": "job", "status": "completed", "images": [{"url": "https://example.invalid/a.png"}]}
     baseline = _status_mb("VmRSS")

@@ -17,9 +17,9 @@ from ray import serve
 from ray.serve import Application
 
 from serve.config import AppArgs, ModelDeployment
-from serve.coordinator import GovernorDeployment, JobCoordinator
-from serve.ingress import Ingress
-from serve.worker import ModelWorker
+from serve.deployments.coordinator import GovernorDeployment, JobCoordinator
+from serve.deployments.ingress import Ingress
+from serve.deployments.model_worker import ModelWorker
 
 
 def _model_deployment(model: ModelDeployment) -> Application:

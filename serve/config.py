@@ -23,9 +23,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from inference.engine_config import EngineConfig, OptimizeConfig
 from inference.models import GUIDED_ROWS, ModelRegistry, ModelSpec
-from serve.cors import CorsPolicy
-from serve.storage import LocalObjectStore, S3ObjectStore
-from serve.tenants import Tenant, TenantDirectory, check_tenant_name
+from serve.middleware.cors import CorsPolicy
+from serve.storage.objects import LocalObjectStore, S3ObjectStore
+from serve.tenancy.tenants import Tenant, TenantDirectory, check_tenant_name
 
 PLACEHOLDERS = {"changeme", "change-me", "changethis", "secret", "password", "placeholder", "xxx", "todo"}
 MIN_API_KEY_LENGTH = 16
@@ -213,7 +213,7 @@ class WebhookArgs(_Strict):
             "derived from it"
         ),
     )
-    # Transport policy (serve.webhooks): targets must be https; a plain-http target is refused with a
+    # Transport policy (serve.jobs.webhooks): targets must be https; a plain-http target is refused with a
     # 400 at submission unless it is a literal address inside fetch.allow_networks (tests, labs).
     allow_plain_http: bool = Field(
         False,

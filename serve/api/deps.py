@@ -7,8 +7,8 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from pydantic import BaseModel
 
-from serve.generation import GenerationService
-from serve.jobs import JobStore
+from serve.generation.service import GenerationService
+from serve.jobs.records import JobStore
 
 
 def get_service(request: Request) -> GenerationService:

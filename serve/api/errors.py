@@ -138,7 +138,7 @@ def api_error(error: InferenceError, rename: Callable[[InferenceError], str] | N
     """Translate an inference/serving error; ``rename`` maps it to an API's own code vocabulary.
 
     A server fault (5xx) keeps its code and status but never its text: see ``PUBLIC_MESSAGES``. The
-    caller logs the original once (``serve.webapp`` does for every API)."""
+    caller logs the original once (``serve.api.app`` does for every API)."""
     code = rename(error) if rename else error.code
     status = status_for(error)
     retry = RETRY_AFTER_S.get(error.code)

@@ -10,10 +10,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from serve.generation import CompletedJob, PreparedJob
-from serve.job_runner import job_fields
-from serve.jobs import JobRecord, JobState, StoredOutput, WebhookState
-from serve.storage import ObjectStore
+from serve.generation.service import CompletedJob, PreparedJob
+from serve.jobs.records import JobRecord, JobState, StoredOutput, WebhookState
+from serve.jobs.runner import job_fields
+from serve.storage.objects import ObjectStore
 
 
 def _utc(value) -> str | None:

@@ -19,7 +19,7 @@ from serve.api.deps import JobsDep, JobStoreDep, ServiceDep, TenantDep
 from serve.api.errors import ApiError, error_responses, public_fields
 from serve.api.job_views import job_object
 
-logger = logging.getLogger("serve.jobs")
+logger = logging.getLogger("serve.jobs.records")
 
 router = APIRouter(prefix="/v1/image-to-image", tags=["jobs"], responses=error_responses())
 

@@ -23,7 +23,7 @@ from inference.errors import InferenceError, InvalidInputError
 from serve.api.deps import ServiceDep, TenantDep, explicit_choices
 from serve.api.errors import ApiError, error_responses, validation_summary
 from serve.api.text_policy import NameText, PromptText
-from serve.generation import GenerationJob
+from serve.generation.service import GenerationJob
 
 router = APIRouter(prefix="/v1/nodes", tags=["nodes"], responses=error_responses())
 

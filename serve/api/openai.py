@@ -38,7 +38,7 @@ from inference.images import MAX_IMAGE_HEIGHT, MAX_IMAGE_WIDTH
 from serve.api.deps import ServiceDep, TenantDep, explicit_choices
 from serve.api.errors import ApiError, error_responses, validation_summary
 from serve.api.text_policy import NameText, PromptText
-from serve.generation import CompletedJob, GenerationJob, GenerationService
+from serve.generation.service import CompletedJob, GenerationJob, GenerationService
 
 
 class OpenAIErrorBody(BaseModel):

@@ -22,11 +22,11 @@ from inference.errors import InferenceError
 from serve.api.deps import JobsDep, JobStoreDep, ServiceDep, TenantDep, explicit_choices
 from serve.api.errors import STATUS_BY_CODE, ApiError, error_responses, validation_summary
 from serve.api.job_views import completed_record, job_object, new_record
+from serve.api.styles import STYLES, resolve_style
 from serve.api.text_policy import NameText, PromptText
-from serve.generation import CompletedJob, GenerationJob
-from serve.jobs import JobState, fingerprint
-from serve.styles import STYLES, resolve_style
-from serve.webhooks import check_webhook_url
+from serve.generation.service import CompletedJob, GenerationJob
+from serve.jobs.records import JobState, fingerprint
+from serve.jobs.webhooks import check_webhook_url
 
 router = APIRouter(prefix="/v1", tags=["image-to-image"], responses=error_responses())
 

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from serve.api.deps import ServiceDep, TenantDep
 from serve.api.errors import ApiError, error_responses
-from serve.storage import content_type_for
+from serve.storage.objects import content_type_for
 
 router = APIRouter(tags=["system"])
 #: What ``/files`` may serve: the keys ``object_key`` makes for outputs (``{index}``) and stored sources

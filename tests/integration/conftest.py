@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cluster import multinode
-from serve.auth import hash_key
+from serve.tenancy.keys import hash_key
 from tests.support.s3server import SETUP_HINT, SeaweedS3Server, find_weed
 
 

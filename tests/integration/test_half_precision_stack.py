@@ -181,7 +181,7 @@ def oracle(tiny_model_dirs):
             strength=body.get("strength", 0.7),
             steps=body["steps"],
             guidance_scale=body["guidance_scale"],
-            image_guidance_scale=1.5,  # the REST API's (serve.generation.GenerationJob) default
+            image_guidance_scale=1.5,  # the REST API's (serve.generation.service.GenerationJob) default
             num_images=image_index + 1,
         )
         return np.asarray(run_stock(pipes[served.family], served.family, request, image_index), np.int16)

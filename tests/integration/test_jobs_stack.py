@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 
-from serve.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, derive_webhook_secret, verify
+from serve.jobs.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, derive_webhook_secret, verify
 from tests.integration.conftest import WEBHOOK_SECRET
 from tests.integration.faults import kill_replicas
 from tests.integration.test_serve_stack import _data_url, _png, _wait_for

@@ -40,7 +40,7 @@ K8S_VERSION = "1.32.0"
 # Ray's GPU node metrics: absent on a CPU-only exporter, so checked against Ray's reporter source.
 GPU_METRICS = {"ray_node_gpus_utilization", "ray_node_gram_used", "ray_node_gram_available"}
 # Counters of events a healthy test run never produces (a series appears at its first increment):
-# checked against their definition in serve/metrics.py instead.
+# checked against their definition in serve/observability/metrics.py instead.
 RARE_COUNTERS = {"ray_img2img_generation_failures_total"}
 
 
@@ -318,7 +318,7 @@ def test_rare_counters_are_defined_by_the_app():
     for name in RARE_COUNTERS & queried:
         base = name.removeprefix("ray_").removesuffix("_total")
         assert re.search(rf'Counter\(\s*"{base}"', source), (
-            f"{name}: no Counter({base!r}) in serve/metrics.py"
+            f"{name}: no Counter({base!r}) in serve/observability/metrics.py"
         )
 
 

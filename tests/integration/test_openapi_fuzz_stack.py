@@ -11,7 +11,7 @@ from __future__ import annotations
 import httpx
 import schemathesis
 
-from serve.webapp import create_app
+from serve.api.app import create_app
 from tests.integration.conftest import wait_until_ready
 from tests.support.openapi_fuzz import EXCLUDED_CHECKS, authorise, fuzz_settings, with_real_image
 

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 from PIL import Image
 
-from serve.storage import (
+from serve.storage.objects import (
     ConcurrentWriteError,
     ObjectNotFoundError,
     S3ObjectStore,
@@ -199,7 +199,7 @@ def test_conditional_puts_refuse_stale_versions_and_second_creates(s3_server):
 
 def test_a_concurrent_revocation_is_not_lost_on_s3(s3_server):
     """Two admins (two stores, two threads) change one tenant from the same version: both land."""
-    from serve.tenants import TenantStore
+    from serve.tenancy.tenants import TenantStore
     from tests.unit.test_security_tenancy import NEW, concurrent_revocation_survives
 
     stores = [make_store(s3_server, "tenant-records") for _ in range(2)]

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from serve.auth import hash_key
+from serve.tenancy.keys import hash_key
 from tests.integration.conftest import LIMITED_KEY, wait_until_ready
 from tests.integration.test_serve_stack import _data_url, _png, _wait_for
 
@@ -75,7 +75,7 @@ def test_admin_cli_keys_take_effect_on_the_running_stack(client, stack, tmp_path
     """img2img-admin writes tenants to the same S3 store; ingress replicas pick them up within seconds."""
     import yaml
 
-    from serve import admin
+    from serve.tenancy import admin
 
     config = tmp_path / "serve_config.yaml"
     args = {"models": [{"spec": {"id": "tiny-sd", "family": "sd", "source": "unused"}}]}

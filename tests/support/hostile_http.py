@@ -1,7 +1,7 @@
 """A hostile HTTP server on 127.0.0.1 for the SSRF tests: redirects, lies about sizes, drips bytes,
 answers with gzip bombs (GET and POST, so it also serves as a hostile webhook receiver).
 
-Shared by serve.fetch's own tests and the HTTP-level SSRF suite; it only ever listens on loopback and
+Shared by serve.outbound.fetch's own tests and the HTTP-level SSRF suite; it only ever listens on loopback and
 every slow answer is bounded (a few seconds at most, even if nobody hangs up).
 """
 
@@ -136,7 +136,7 @@ def hostile_server() -> Iterator[str]:
 
 
 def https_redirecting_client(real_factory, target: str):
-    """A ``serve.fetch.pinned_client`` stand-in whose https:// URLs answer ``302 -> target``.
+    """A ``serve.outbound.fetch.pinned_client`` stand-in whose https:// URLs answer ``302 -> target``.
 
     Plain-http URLs still go through the real pinned transport (so every SSRF rule applies); only the
     https hop is simulated, so no TLS certificate is needed to test an https -> http downgrade."""

@@ -1,7 +1,7 @@
 """Fakes and helpers for the HTTP-layer tests: a model backend, an app builder, source images.
 
 Nothing here touches Ray or the network: the backend paints solid-colour images, URL sources are
-served by a monkeypatched ``serve.generation.fetch_image``, and the app is driven in-process.
+served by a monkeypatched ``serve.generation.service.fetch_image``, and the app is driven in-process.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from PIL import Image
 
 from inference.models import ModelRegistry
 from inference.types import GenerationRequest, GenerationResult, Progress
-from serve.fetch import FetchPolicy
-from serve.generation import GenerationService
-from serve.governor import LocalAdmission, TenantGovernor
-from serve.job_runner import JobRunner
-from serve.jobs import JobStore
-from serve.storage import LocalObjectStore
-from serve.tenants import TenantCatalog, TenantDirectory, TenantStore
-from serve.webapp import create_app
-from serve.webhooks import WebhookPolicy
+from serve.api.app import create_app
+from serve.generation.service import GenerationService
+from serve.jobs.records import JobStore
+from serve.jobs.runner import JobRunner
+from serve.jobs.webhooks import WebhookPolicy
+from serve.outbound.fetch import FetchPolicy
+from serve.storage.objects import LocalObjectStore
+from serve.tenancy.governor import LocalAdmission, TenantGovernor
+from serve.tenancy.tenants import TenantCatalog, TenantDirectory, TenantStore
 
 API_KEY = "test-key-123"
 TENANT = "tenant-a"
@@ -172,7 +172,7 @@ def decode(data: bytes) -> Image.Image:
 
 
 class FakeFetch:
-    """Stands in for ``serve.generation.fetch_image``: records URLs, returns fixed bytes or raises."""
+    """Stands in for ``serve.generation.service.fetch_image``: records URLs, returns fixed bytes or raises."""
 
     def __init__(self, data: bytes | None = None, error: BaseException | None = None) -> None:
         self.data = data if data is not None else image_bytes(96, 64, "JPEG")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from serve import generation
+from serve.generation import service as generation
 from tests.unit.api_fakes import FakeBackend, FakeFetch, build_app
 
 

@@ -9,10 +9,10 @@ from urllib.parse import urlsplit
 import pytest
 
 from inference.errors import GenerationError, ImageTooLargeError
-from serve import job_runner
-from serve.fetch import SourceFetchError
-from serve.storage import StorageUnavailableError
-from serve.styles import STYLES
+from serve.api.styles import STYLES
+from serve.jobs import runner as job_runner
+from serve.outbound.fetch import SourceFetchError
+from serve.storage.objects import StorageUnavailableError
 from tests.unit.api_fakes import (
     AUTH,
     MODEL_IDS,

@@ -1,6 +1,6 @@
 """The SSRF suite over HTTP: image URLs and webhook URLs sent to the public APIs, with the real fetcher.
 
-serve.fetch's own tests (test_fetch.py) pin each rule; this suite proves the APIs are wired to it:
+serve.outbound.fetch's own tests (test_fetch.py) pin each rule; this suite proves the APIs are wired to it:
 every private, loopback, link-local, mapped or non-http target is refused with a clear 4xx in the
 API's envelope, names that resolve into private space and redirects into it are refused, and an
 allow-listed but hostile server (oversized, lying, dripping) cannot exhaust memory or hold a worker.
@@ -14,8 +14,8 @@ import time
 import httpcore
 import pytest
 
-from serve import fetch
-from serve.fetch import FetchPolicy
+from serve.outbound import fetch
+from serve.outbound.fetch import FetchPolicy
 from tests.support.hostile_http import hostile_server
 from tests.unit.api_fakes import AUTH, assert_error
 

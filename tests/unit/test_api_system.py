@@ -7,8 +7,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from serve.storage import StorageUnavailableError
-from serve.styles import STYLES
+from serve.api.styles import STYLES
+from serve.storage.objects import StorageUnavailableError
 from tests.unit.api_fakes import AUTH, MODEL_IDS, assert_error, data_url
 
 REST = "/v1/image-to-image"
@@ -259,7 +259,7 @@ def test_unexpected_exception_gives_json_500_and_logs_it(client, backend, caplog
         if path == REST
         else {"source_image": data_url(), "prompt": "x", "negative_prompt": ""}
     )
-    with caplog.at_level("ERROR", logger="serve.webapp"):
+    with caplog.at_level("ERROR", logger="serve.api.app"):
         response = client.post(path, json=payload, headers=AUTH)
     assert_error(response, 500, "internal_error")
     assert "ZeroDivisionError" not in response.text and "scheduler" not in response.text

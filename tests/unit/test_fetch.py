@@ -1,4 +1,4 @@
-"""serve.fetch against a real HTTP server on 127.0.0.1 (loopback only; nothing else is ever contacted)."""
+"""serve.outbound.fetch against a real HTTP server on 127.0.0.1 (loopback only)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import httpcore
 import pytest
 
 from inference.errors import ImageTooLargeError
-from serve import fetch
-from serve.fetch import FetchPolicy, SourceFetchError, fetch_image, forbidden_reason
+from serve.outbound import fetch
+from serve.outbound.fetch import FetchPolicy, SourceFetchError, fetch_image, forbidden_reason
 from tests.support.hostile_http import PNG, HostileHandler, hostile_server, https_redirecting_client
 
 pytestmark = pytest.mark.anyio
@@ -244,7 +244,7 @@ async def test_slow_drip_is_cut_by_the_total_deadline(server):
 
 
 async def test_unreachable_port_is_a_source_fetch_error(caplog):
-    caplog.set_level(logging.WARNING, "serve.fetch")
+    caplog.set_level(logging.WARNING, "serve.outbound.fetch")
     with pytest.raises(SourceFetchError, match="could not connect to the source image host") as info:
         await fetch_image("http://127.0.0.1:1/x.png", policy())
     assert info.value.message == "could not connect to the source image host"  # not the library's text

@@ -10,13 +10,13 @@ import pytest
 
 from inference.errors import GenerationError
 from serve.api.job_views import new_record
-from serve.fetch import FetchPolicy
-from serve.generation import GenerationJob
-from serve.job_runner import JobRunner
-from serve.jobs import JobState
-from serve.storage import StorageUnavailableError
-from serve.tenants import TenantDirectory
-from serve.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, derive_webhook_secret, verify
+from serve.generation.service import GenerationJob
+from serve.jobs.records import JobState
+from serve.jobs.runner import JobRunner
+from serve.jobs.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, derive_webhook_secret, verify
+from serve.outbound.fetch import FetchPolicy
+from serve.storage.objects import StorageUnavailableError
+from serve.tenancy.tenants import TenantDirectory
 from tests.unit.api_fakes import (
     API_KEY,
     AUTH,

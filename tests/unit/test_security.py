@@ -21,15 +21,15 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from inference.errors import GenerationError
-from serve import webhooks
-from serve.auth import AuthError
 from serve.config import AppArgs, Secrets
-from serve.cors import CorsPolicy
-from serve.fetch import FetchPolicy
-from serve.job_runner import JobRunner
-from serve.log_redaction import REDACTED, redact
-from serve.storage import LocalObjectStore
-from serve.tenants import Tenant, TenantDirectory
+from serve.jobs import webhooks
+from serve.jobs.runner import JobRunner
+from serve.middleware.cors import CorsPolicy
+from serve.observability.log_redaction import REDACTED, redact
+from serve.outbound.fetch import FetchPolicy
+from serve.storage.objects import LocalObjectStore
+from serve.tenancy.keys import AuthError
+from serve.tenancy.tenants import Tenant, TenantDirectory
 from tests.unit.api_fakes import (
     API_KEY,
     AUTH,

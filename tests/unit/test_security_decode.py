@@ -26,11 +26,11 @@ from inference.images import (
     inspect_source_image,
     load_source_image,
 )
-from serve import generation
-from serve.auth import hash_key
-from serve.generation import GenerationJob
-from serve.storage import object_key
-from serve.tenants import Tenant, TenantStore
+from serve.generation import service as generation
+from serve.generation.service import GenerationJob
+from serve.storage.objects import object_key
+from serve.tenancy.keys import hash_key
+from serve.tenancy.tenants import Tenant, TenantStore
 from tests.support.image_samples import (
     encode,
     jpeg_scan_bomb,

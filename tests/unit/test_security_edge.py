@@ -23,9 +23,9 @@ from fastapi.testclient import TestClient
 from inference.errors import GenerationError
 from serve.api import jobs as jobs_api
 from serve.errors import ModelUnavailableError
-from serve.generation import GenerationJob
-from serve.governor import TenantGovernor
-from serve.storage import StorageUnavailableError
+from serve.generation.service import GenerationJob
+from serve.storage.objects import StorageUnavailableError
+from serve.tenancy.governor import TenantGovernor
 from tests.unit.api_fakes import (
     AUTH,
     BASE_URL,
@@ -303,7 +303,7 @@ def test_usage_over_31_days_reads_one_object_per_day(client, app):
 
 
 def test_usage_rollups_add_up_across_a_restart_and_unflushed_usage(tmp_path):
-    from serve.storage import LocalObjectStore
+    from serve.storage.objects import LocalObjectStore
 
     store = LocalObjectStore(tmp_path, "http://x", b"0123456789abcdef")
     first = TenantGovernor(store=store)
@@ -322,7 +322,7 @@ def test_usage_rollups_add_up_across_a_restart_and_unflushed_usage(tmp_path):
 def test_a_damaged_usage_object_is_kept_aside_and_neither_fails_usage_nor_later_flushes(tmp_path, damage):
     """The same class as a malformed tenant record (finding 11): one bad object must not make
     /v1/usage a 500 or stop the day's later flushes; its bytes are kept for an operator."""
-    from serve.storage import LocalObjectStore
+    from serve.storage.objects import LocalObjectStore
 
     store = LocalObjectStore(tmp_path, "http://x", b"0123456789abcdef")
     now = datetime.now(UTC)

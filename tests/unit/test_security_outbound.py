@@ -24,10 +24,10 @@ import httpcore
 import pytest
 from pydantic import ValidationError
 
-from serve import fetch
-from serve.backend import build_service
 from serve.config import AppArgs, Secrets
-from serve.fetch import FetchPolicy
+from serve.deployments.handles import build_service
+from serve.outbound import fetch
+from serve.outbound.fetch import FetchPolicy
 from tests.support.hostile_http import HostileHandler, gzip_bomb, hostile_server, https_redirecting_client
 from tests.unit.api_fakes import AUTH, assert_error, data_url
 
@@ -242,7 +242,7 @@ def test_the_plain_http_webhook_policy_is_an_app_setting_with_a_teaching_error()
 
 
 def test_an_internal_name_and_a_missing_name_get_the_same_refusal(client, backend, fake_dns, caplog):
-    caplog.set_level(logging.WARNING, "serve.fetch")
+    caplog.set_level(logging.WARNING, "serve.outbound.fetch")
     answers = []
     for host in ("db.internal", "missing.internal"):
         error = assert_error(rest(client, f"http://{host}/a.png"), 400, "source_image_error", param="image")

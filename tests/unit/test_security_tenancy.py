@@ -15,13 +15,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from serve import admin
-from serve.auth import hash_key
 from serve.config import AppArgs, Secrets, WebhookArgs, check_api_key, key_strength_bits
-from serve.fetch import FetchPolicy
-from serve.storage import ConcurrentWriteError, LocalObjectStore, object_key
-from serve.tenants import Tenant, TenantCatalog, TenantDirectory, TenantStore, check_tenant_name
-from serve.webhooks import (
+from serve.jobs.webhooks import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     derive_webhook_secret,
@@ -29,6 +24,11 @@ from serve.webhooks import (
     verify,
     webhook_secret_for,
 )
+from serve.outbound.fetch import FetchPolicy
+from serve.storage.objects import ConcurrentWriteError, LocalObjectStore, object_key
+from serve.tenancy import admin
+from serve.tenancy.keys import hash_key
+from serve.tenancy.tenants import Tenant, TenantCatalog, TenantDirectory, TenantStore, check_tenant_name
 from tests.unit.api_fakes import (
     API_KEY,
     AUTH,
@@ -350,7 +350,7 @@ def test_a_malformed_tenant_record_is_skipped_and_reported_never_fatal(app, clie
     store = app.state.service.store
     for key, data in BAD_RECORDS.items():
         client.portal.call(store.put, key, data, "application/json")
-    with caplog.at_level(logging.WARNING, logger="serve.tenants"):
+    with caplog.at_level(logging.WARNING, logger="serve.tenancy.tenants"):
         client.portal.call(app.state.tenants.refresh)  # does not raise
         client.portal.call(app.state.tenants.refresh)  # reported once per change, not every refresh
     assert sorted(app.state.tenants.skipped) == sorted(BAD_RECORDS)
@@ -365,14 +365,14 @@ def test_a_malformed_tenant_record_is_skipped_and_reported_never_fatal(app, clie
     # fixed or deleted: the record is back, and that is logged too
     client.portal.call(store.delete, "_tenants/garbage.json")
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="serve.tenants"):
+    with caplog.at_level(logging.WARNING, logger="serve.tenancy.tenants"):
         client.portal.call(app.state.tenants.refresh)
     assert "_tenants/garbage.json" not in app.state.tenants.skipped
     assert any("readable again" in r.getMessage() for r in caplog.records)
 
 
 def test_the_ingress_health_check_survives_a_malformed_record(tmp_path):
-    from serve.ingress import Ingress
+    from serve.deployments.ingress import Ingress
 
     store = LocalObjectStore(tmp_path, "http://x", URL_SIGNING_KEY)
     asyncio.run(store.put("_tenants/bad.json", b'{"name": 1}', "application/json"))
@@ -432,7 +432,7 @@ def test_weak_api_keys_are_refused_at_start_up_with_a_lesson(monkeypatch, key):
 def test_generated_keys_pass_the_key_policy():
     import secrets as random_source
 
-    from serve.tenants import new_key
+    from serve.tenancy.tenants import new_key
 
     for _ in range(20000):  # the estimate's spread for random keys reaches down to ~44 bits
         check_api_key(random_source.token_urlsafe(12), "t")  # 16 random characters: the floor

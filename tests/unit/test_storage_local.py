@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
-from serve.storage import (
+from serve.storage.objects import (
     LocalObjectStore,
     ObjectNotFoundError,
     StorageUnavailableError,

@@ -9,10 +9,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import yaml
 
-from serve import admin
-from serve.auth import hash_key
-from serve.governor import Limits, RateLimitedError, TenantGovernor
-from serve.tenants import Tenant, TenantCatalog, TenantDirectory, TenantStore
+from serve.tenancy import admin
+from serve.tenancy.governor import Limits, RateLimitedError, TenantGovernor
+from serve.tenancy.keys import hash_key
+from serve.tenancy.tenants import Tenant, TenantCatalog, TenantDirectory, TenantStore
 from tests.unit.api_fakes import assert_error, data_url
 
 URL = "/v1/image-to-image"
@@ -124,7 +124,7 @@ def test_token_bucket_refills_over_time():
 
 
 def test_usage_survives_in_the_store(tmp_path):
-    from serve.storage import LocalObjectStore
+    from serve.storage.objects import LocalObjectStore
 
     store = LocalObjectStore(tmp_path, "http://x", b"0123456789abcdef")
     first = TenantGovernor(store=store)

@@ -30,10 +30,10 @@ from inference.images import (
 )
 from inference.models import ModelRegistry, ModelSpec
 from inference.types import GenerationRequest, GenerationResult, Progress, draw_seed
-from serve.fetch import FetchPolicy, fetch_image
-from serve.governor import Limits
-from serve.storage import ObjectStore, new_job_id, object_key
-from serve.tenants import Tenant
+from serve.outbound.fetch import FetchPolicy, fetch_image
+from serve.storage.objects import ObjectStore, new_job_id, object_key
+from serve.tenancy.governor import Limits
+from serve.tenancy.tenants import Tenant
 
 ProgressCallback = Callable[[Progress], Awaitable[None]]
 
@@ -53,7 +53,7 @@ class ModelBackend(Protocol):
 
 
 class Admission(Protocol):
-    """Per-tenant limits shared by all replicas (``serve.governor``); absent in single-tenant tests."""
+    """Per-tenant limits for all replicas (``serve.tenancy.governor``); none in single-tenant tests."""
 
     async def admit(self, tenant: str, request_id: str, images: int, limits: Limits) -> None: ...
 

@@ -1,4 +1,4 @@
-"""Authentication errors and key hashing; tenants and their keys live in ``serve.tenants``.
+"""Authentication errors and key hashing; tenants and their keys live in ``serve.tenancy.tenants``.
 
 Keys are kept only as SHA-256 hashes: a leaked configuration or object store does not leak keys.
 """

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-logger = logging.getLogger("serve.warmup_status")
+logger = logging.getLogger("serve.deployments.warmup_status")
 
 NAMESPACE = "img2img-warmup"
 

@@ -25,11 +25,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from inference.errors import InferenceError
 from serve.api import jobs, node, openai, rest_v1, system, usage
 from serve.api.errors import ApiError, api_error
-from serve.body_limit import BodyLimitMiddleware
-from serve.cors import CorsPolicy, add_cors
-from serve.log_redaction import redact_library_logs
+from serve.middleware.body_limit import BodyLimitMiddleware
+from serve.middleware.cors import CorsPolicy, add_cors
+from serve.observability.log_redaction import redact_library_logs
 
-logger = logging.getLogger("serve.webapp")
+logger = logging.getLogger("serve.api.app")
 
 #: Path prefix → the API whose error vocabulary applies (first match wins).
 DIALECTS = (

@@ -1,6 +1,6 @@
 """Runs durable jobs: asynchronous requests and idempotent ones, one coordinator for all replicas.
 
-Plain asyncio, no Ray: the ``JobCoordinator`` deployment (``serve/coordinator.py``) hosts one
+Plain asyncio, no Ray: the ``JobCoordinator`` deployment (``serve/deployments/coordinator.py``) hosts one
 ``JobRunner`` in a single replica; unit tests host one in-process. A single owner makes idempotency
 claims and cancellations race-free, and it only awaits (the GPU work happens in model replicas).
 Every state change is written to the ``JobStore`` first, so a restarted coordinator resumes all
@@ -22,19 +22,19 @@ from inference.errors import GenerationError, InferenceError, InvalidInputError
 from inference.images import SourceImage
 from inference.types import Progress
 from serve.api.errors import public_fields
-from serve.fetch import FetchPolicy
-from serve.generation import CompletedJob, GenerationJob, GenerationService
-from serve.jobs import (
+from serve.generation.service import CompletedJob, GenerationJob, GenerationService
+from serve.jobs.records import (
     IdempotencyConflictError,  # noqa: F401 (re-exported from its former home)
     JobRecord,
     JobState,
     JobStore,
     StoredOutput,
 )
-from serve.tenants import Tenant
-from serve.webhooks import NO_SECRET, WebhookPolicy, deliver, webhook_payload, webhook_secret_for
+from serve.jobs.webhooks import NO_SECRET, WebhookPolicy, deliver, webhook_payload, webhook_secret_for
+from serve.outbound.fetch import FetchPolicy
+from serve.tenancy.tenants import Tenant
 
-logger = logging.getLogger("serve.jobs")
+logger = logging.getLogger("serve.jobs.records")
 
 #: Errors after which a job is tried again (the replica died or was unavailable), up to MAX_RUNS runs.
 RETRYABLE_CODES = {"model_unavailable", "overloaded", "storage_unavailable"}

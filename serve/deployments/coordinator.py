@@ -13,16 +13,16 @@ from typing import Any
 from ray.serve.handle import DeploymentHandle
 
 from inference.images import SourceImage
-from serve.backend import build_service
 from serve.config import AppArgs, Secrets, build_store, configured_tenants
-from serve.governor import Limits, TenantGovernor
-from serve.job_runner import JobRunner
-from serve.jobs import JobRecord, JobStore
-from serve.log_redaction import redact_library_logs
-from serve.tenants import TenantCatalog, TenantStore
-from serve.webhooks import WebhookPolicy
+from serve.deployments.handles import build_service
+from serve.jobs.records import JobRecord, JobStore
+from serve.jobs.runner import JobRunner
+from serve.jobs.webhooks import WebhookPolicy
+from serve.observability.log_redaction import redact_library_logs
+from serve.tenancy.governor import Limits, TenantGovernor
+from serve.tenancy.tenants import TenantCatalog, TenantStore
 
-logger = logging.getLogger("serve.coordinator")
+logger = logging.getLogger("serve.deployments.coordinator")
 
 
 class JobCoordinator:
@@ -79,7 +79,7 @@ class GovernorDeployment:
     """Ray Serve deployment hosting the one ``TenantGovernor`` (limits and usage for all replicas)."""
 
     def __init__(self, args: dict[str, Any]) -> None:
-        from serve.metrics import TenantMetrics
+        from serve.observability.metrics import TenantMetrics
 
         parsed = AppArgs.model_validate(args)
         self._governor = TenantGovernor(store=build_store(parsed, Secrets()), metrics=TenantMetrics())

@@ -32,11 +32,11 @@ from pathlib import Path
 
 import yaml
 
-from serve.auth import hash_key
 from serve.config import AppArgs, Secrets, build_store
-from serve.governor import TenantGovernor
-from serve.tenants import Tenant, TenantStore, check_tenant_name, new_key, new_webhook_secret
-from serve.webhooks import derive_webhook_secret
+from serve.jobs.webhooks import derive_webhook_secret
+from serve.tenancy.governor import TenantGovernor
+from serve.tenancy.keys import hash_key
+from serve.tenancy.tenants import Tenant, TenantStore, check_tenant_name, new_key, new_webhook_secret
 
 SHOWN_ONCE = "store it now: it is not shown again"
 

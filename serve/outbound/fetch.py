@@ -117,7 +117,7 @@ class FetchPolicy:
     max_redirects: int = 3
     allowed_schemes: tuple[str, ...] = ("http", "https")
     allow_networks: tuple[str, ...] = ()
-    # Webhook targets only (serve.webhooks): plain-http targets are refused unless this is set (the
+    # Webhook targets only (serve.jobs.webhooks): plain-http targets are refused unless this is set (the
     # operator's ``webhooks.allow_plain_http``) or the target is a literal address in allow_networks.
     allow_plain_http_webhooks: bool = False
     user_agent: str = "img2img-serve/0.1 (source image fetcher)"

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from inference.errors import InvalidInputError
-from serve.storage import ObjectNotFoundError, ObjectStore
+from serve.storage.objects import ObjectNotFoundError, ObjectStore
 
 
 class IdempotencyConflictError(InvalidInputError):

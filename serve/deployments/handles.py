@@ -19,13 +19,13 @@ from inference.errors import GenerationError, InferenceError
 from inference.images import ImageLimits, SourceImage
 from inference.types import GenerationRequest, GenerationResult, Progress
 from serve.config import AppArgs, ModelDeployment, Secrets, build_store
+from serve.deployments.warmup_status import describe, warming_replicas
 from serve.errors import GenerationTimeoutError, ModelUnavailableError, OverloadedError
-from serve.fetch import FetchPolicy
-from serve.generation import GenerationService, ProgressCallback
-from serve.jobs import JobRecord
-from serve.warmup_status import describe, warming_replicas
+from serve.generation.service import GenerationService, ProgressCallback
+from serve.jobs.records import JobRecord
+from serve.outbound.fetch import FetchPolicy
 
-logger = logging.getLogger("serve.backend")
+logger = logging.getLogger("serve.deployments.handles")
 
 
 class RayModelBackend:

@@ -35,8 +35,8 @@ import httpx
 import idna
 
 from inference.errors import InvalidInputError
-from serve.fetch import FetchPolicy, check_url, pinned_client, transport_error
-from serve.log_redaction import redact
+from serve.observability.log_redaction import redact
+from serve.outbound.fetch import FetchPolicy, check_url, pinned_client, transport_error
 
 logger = logging.getLogger(__name__)
 

@@ -14,14 +14,14 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from inference.errors import InferenceError
-from serve.backend import RayGovernor, RayJobs, build_service
+from serve.api.app import create_app
 from serve.config import AppArgs, Secrets, build_store, configured_tenants
-from serve.jobs import JobStore
-from serve.metrics import IngressMetrics
-from serve.tenants import TenantCatalog, TenantStore
-from serve.webapp import create_app
+from serve.deployments.handles import RayGovernor, RayJobs, build_service
+from serve.jobs.records import JobStore
+from serve.observability.metrics import IngressMetrics
+from serve.tenancy.tenants import TenantCatalog, TenantStore
 
-logger = logging.getLogger("serve.ingress")
+logger = logging.getLogger("serve.deployments.ingress")
 
 
 @serve.ingress()

@@ -19,7 +19,7 @@ from typing import Any
 from inference.errors import GenerationError, RequestCancelledError
 from inference.types import GenerationRequest, GenerationResult, Progress
 
-logger = logging.getLogger("serve.worker")
+logger = logging.getLogger("serve.deployments.model_worker")
 
 
 class ModelWorker:
@@ -41,7 +41,7 @@ class ModelWorker:
         from inference.models import ModelSpec
         from inference.optimize import apply_optimize_config
         from inference.pipelines import load_pipeline
-        from serve.metrics import WorkerMetrics
+        from serve.observability.metrics import WorkerMetrics
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -68,7 +68,7 @@ class ModelWorker:
             return 0
         from ray import serve
 
-        from serve.warmup_status import WarmupReporter
+        from serve.deployments.warmup_status import WarmupReporter
 
         context = serve.get_replica_context()
         reporter = WarmupReporter(context.app_name, self.spec.id, context.replica_id.unique_id)

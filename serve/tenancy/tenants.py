@@ -27,20 +27,20 @@ from collections.abc import Callable, Iterable, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from serve.auth import AuthError, hash_key
-from serve.storage import (
+from serve.storage.objects import (
     ConcurrentWriteError,
     ObjectNotFoundError,
     ObjectStore,
     StorageUnavailableError,
     object_key,
 )
+from serve.tenancy.keys import AuthError, hash_key
 
 TENANTS_PREFIX = "_tenants/"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 NAME_RULE = "1-64 of [A-Za-z0-9._-], starting with a letter or digit, without '..'"
-logger = logging.getLogger("serve.tenants")
+logger = logging.getLogger("serve.tenancy.tenants")
 
 
 def check_tenant_name(name: object) -> str:

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from inference.errors import InvalidInputError
-from serve.storage import ObjectNotFoundError, ObjectStore
+from serve.storage.objects import ObjectNotFoundError, ObjectStore
 
-logger = logging.getLogger("serve.governor")
+logger = logging.getLogger("serve.tenancy.governor")
 
 USAGE_FIELDS = ("requests", "images", "steps", "compute_seconds")
 IN_FLIGHT_TTL_S = 3600.0  # a request never released (its caller crashed) stops counting after this

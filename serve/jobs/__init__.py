@@ -1,0 +1,1 @@
+"""Durable jobs: typed records in the object store, the runner, idempotency and webhook delivery."""

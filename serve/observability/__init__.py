@@ -1,0 +1,1 @@
+"""Prometheus metrics and the log redaction that keeps secrets out of library logs."""

@@ -1,0 +1,1 @@
+"""The object store (S3/MinIO in production, a local folder for the embedded default)."""
