@@ -17,9 +17,11 @@ run: setup
 demo: setup
 	$(PY) -m inference.demo --out out/demo
 
+# lint-imports: the architecture's import contracts ([tool.importlinter] in pyproject.toml).
 test: setup audit
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports --no-logo --cache-dir .cache/import_linter
 	$(PY) -m pytest
 
 # pip check, the offline security floors (scripts/security_floors.toml) and pip-audit when a

@@ -131,6 +131,7 @@ def make_requests(
             strength=rng.choice(strengths),
             steps=rng.choice(steps),
             guidance_scale=rng.choice(guidances),
+            image_guidance_scale=1.5,
         )
         for i in range(count)
     ]

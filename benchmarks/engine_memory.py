@@ -89,6 +89,7 @@ def run_case(workload: str, requests: int, threads: int, seed: int) -> dict:
             strength=rng.uniform(0.3, 1.0) if mixed else 0.75,
             steps=rng.randint(4, 12) if mixed else 8,
             guidance_scale=rng.uniform(1.5, 9.0) if mixed else 7.5,
+            image_guidance_scale=1.5,
             num_images=rng.randint(1, 2) if mixed else 1,
         )
 

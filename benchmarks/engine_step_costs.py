@@ -57,6 +57,7 @@ def requests(count: int, size: int) -> list[GenerationRequest]:
             strength=STRENGTHS[i % 3],
             steps=STEPS[(i // 3) % 3],
             guidance_scale=GUIDANCE[i % 4],
+            image_guidance_scale=1.5,
         )
         for i in range(count)
     ]

@@ -356,6 +356,7 @@ def make_request(i: int, tag: str, image, seed: int, strength: float, steps: int
         strength=strength,
         steps=max(1, steps),
         guidance_scale=guidance,
+        image_guidance_scale=1.5,
     )
 
 

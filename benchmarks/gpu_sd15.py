@@ -219,6 +219,7 @@ def make_requests(args) -> list[GenerationRequest]:
                 strength=strength,
                 steps=steps,
                 guidance_scale=args.guidance,
+                image_guidance_scale=1.5,
             )
         )
     return requests

@@ -35,7 +35,15 @@ ONE_MB = "a red fox in the snow, " * (1024 * 1024 // 23)
 
 def request(request_id: str, prompt: str) -> GenerationRequest:
     return GenerationRequest(
-        request_id, "tiny", prompt=prompt, image=Image.new("RGB", (64, 64), (90, 120, 200)), seed=1, steps=4
+        request_id=request_id,
+        model="tiny",
+        prompt=prompt,
+        image=Image.new("RGB", (64, 64), (90, 120, 200)),
+        seed=1,
+        strength=0.8,
+        steps=4,
+        guidance_scale=7.5,
+        image_guidance_scale=1.5,
     )
 
 

@@ -56,6 +56,7 @@ async def one_round(handle, count: int, stream: bool, rng: random.Random, tag: s
             strength=rng.uniform(0.3, 1.0),
             steps=rng.randint(4, 12),
             guidance_scale=rng.uniform(1.5, 9.0),
+            image_guidance_scale=1.5,
             num_images=rng.randint(1, 2),
         )
         async with slots:

@@ -569,7 +569,7 @@ def report(phases: list[PhaseResult], args: argparse.Namespace) -> dict[str, Any
 
 
 def add_local_stack_arguments(group: argparse._ActionsContainer) -> None:
-    """The options ``LocalStack`` reads (shared with ``loadtests/soak.py``)."""
+    """The options ``LocalStack`` reads."""
     group.add_argument("--models-dir", type=Path, default=Path(".cache/models"))
     group.add_argument("--config", type=Path, default=REPO_ROOT / "cluster/serve_config.local.yaml")
     group.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)

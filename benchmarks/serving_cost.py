@@ -56,14 +56,15 @@ def direct(args: argparse.Namespace, sources: list[str]) -> dict[str, float]:
     def submit(submitted: dict[str, float]) -> None:
         body = request_body(rng, sources, None)
         request = GenerationRequest(
-            f"r{next(counter)}",
-            spec.id,
-            body["prompt"],
-            images[sources.index(body["image"])],
+            request_id=f"r{next(counter)}",
+            model=spec.id,
+            prompt=body["prompt"],
+            image=images[sources.index(body["image"])],
             seed=body["seed"],
             strength=body["strength"],
             steps=body["steps"],
             guidance_scale=body["guidance_scale"],
+            image_guidance_scale=spec.default_image_guidance_scale,
         )
         engine.submit(request)
         submitted[request.request_id] = time.monotonic()

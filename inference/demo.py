@@ -65,14 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     for i, (strength, steps, guidance) in enumerate(_MIX):
         engine.submit(
             GenerationRequest(
-                f"demo-{i}",
-                spec.id,
-                args.prompt,
-                source,
+                request_id=f"demo-{i}",
+                model=spec.id,
+                prompt=args.prompt,
+                image=source,
                 seed=1000 + i,
                 strength=strength,
                 steps=steps,
                 guidance_scale=guidance,
+                image_guidance_scale=spec.default_image_guidance_scale,
                 num_images=2,
             )
         )

@@ -25,7 +25,13 @@ import torch
 from PIL import Image
 
 from inference.engine_config import EngineConfig, OptimizeConfig
-from inference.errors import GenerationError, InferenceError, InvalidInputError, RequestCancelledError
+from inference.errors import (
+    GenerationError,
+    InferenceError,
+    InvalidInputError,
+    OutOfMemoryError,
+    RequestCancelledError,
+)
 from inference.exact import install_row_chunking, row_groups
 from inference.families import ADAPTERS, Conditioning, strength_timesteps
 from inference.memory import BucketCaps, is_out_of_memory, release_cached_memory
@@ -708,13 +714,12 @@ def _admission_error(error: Exception) -> InferenceError:
     if isinstance(error, InferenceError):
         return error
     if is_out_of_memory(error):
-        return GenerationError("out of accelerator memory while preparing the request", code="out_of_memory")
+        return OutOfMemoryError("out of accelerator memory while preparing the request")
     return GenerationError("could not start generation", details=repr(error))
 
 
 def _out_of_memory(state: _RequestState) -> GenerationError:
     request = state.request
-    return GenerationError(
-        f"out of accelerator memory: one {request.width}x{request.height} image does not fit even alone",
-        code="out_of_memory",
+    return OutOfMemoryError(
+        f"out of accelerator memory: one {request.width}x{request.height} image does not fit even alone"
     )

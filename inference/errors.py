@@ -87,3 +87,15 @@ class GenerationError(InferenceError):
     """We failed to generate images for a valid request (a server-side fault)."""
 
     code = "generation_failed"
+
+
+class OutOfMemoryError(GenerationError):
+    """The accelerator ran out of memory for this request even after the engine split its batch."""
+
+    code = "out_of_memory"
+
+
+class ModelLoadError(GenerationError):
+    """The model's weights could not be loaded (a missing folder, an unknown hub id, a broken file)."""
+
+    code = "model_load_failed"

@@ -42,6 +42,9 @@ MAX_IMAGE_BYTES = 10 * 1024 * 1024
 MAX_IMAGE_WIDTH = 2048
 MAX_IMAGE_HEIGHT = 2048
 MAX_IMAGE_PIXELS = MAX_IMAGE_WIDTH * MAX_IMAGE_HEIGHT
+#: The longest output side any API accepts (the REST spec: "Maximum resolution: 2048x2048 pixels");
+#: a deployment may lower it (AppArgs.max_side), a model too (ModelSpec.max_side).
+MAX_OUTPUT_SIDE = 2048
 SIZE_MULTIPLE = 8  # latent diffusion models downsample by 8; other sizes would be cropped or fail.
 #: Scans in one JPEG. libjpeg's progressive script has 10 (6 for grayscale); encoders that optimise
 #: the script (mozjpeg) stay around 10-20. A scan bomb repeats a scan thousands of times.
@@ -467,12 +470,6 @@ def load_source_image(data: bytes, limits: ImageLimits | None = None) -> SourceI
     limits = limits or ImageLimits()
     data = _as_bytes(data)
     return decode_source_image(data, inspect_source_image(data, limits), limits)
-
-
-def load_source_data_url(text: str, limits: ImageLimits | None = None) -> SourceImage:
-    """``decode_data_url`` then ``load_source_image`` with the same limits."""
-    limits = limits or ImageLimits()
-    return load_source_image(decode_data_url(text, limits.max_bytes), limits)
 
 
 def _output_format(fmt: str) -> str:

@@ -25,7 +25,7 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
 )
 
-from inference.errors import GenerationError
+from inference.errors import ModelLoadError
 from inference.models import SCHEDULERS, Family, ModelSpec
 from inference.types import GenerationRequest
 
@@ -80,7 +80,7 @@ def _absent_components(folder: Path) -> dict[str, None]:
 def load_pipeline(spec: ModelSpec, device: str = "cpu") -> DiffusionPipeline:
     """Load ``spec``'s pipeline with its scheduler and dtype, on ``device``, ready for inference.
 
-    Raises ``GenerationError`` (code ``model_load_failed``) naming the model and its source when the
+    Raises ``ModelLoadError`` naming the model and its source when the
     local folder is missing or the weights cannot be loaded.
     """
     diffusers.utils.logging.disable_progress_bar()  # "Loading pipeline components" bars flood server logs
@@ -89,11 +89,10 @@ def load_pipeline(spec: ModelSpec, device: str = "cpu") -> DiffusionPipeline:
     source = str(Path(spec.source).expanduser()) if path_like else spec.source
     local = Path(source).is_dir()
     if path_like and not local:
-        raise GenerationError(
+        raise ModelLoadError(
             f"model {spec.id!r}: source folder {spec.source!r} does not exist; point 'source' at a folder "
             "written by save_pretrained (for a random-weight smoke model run `python -m inference.tiny DIR`) "
             "or at a hub id like 'org/name'",
-            code="model_load_failed",
             param="source",
             value=spec.source,
         )
@@ -112,9 +111,8 @@ def load_pipeline(spec: ModelSpec, device: str = "cpu") -> DiffusionPipeline:
     try:
         pipe = pipeline_class(spec.family).from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
-        raise GenerationError(
+        raise ModelLoadError(
             f"model {spec.id!r}: could not load {spec.family.value} pipeline from {spec.source!r}",
-            code="model_load_failed",
             param="source",
             value=spec.source,
             details=(

@@ -494,7 +494,6 @@ def tiny_model_specs(root: Path) -> list[dict[str, Any]]:
             "source": str(root / model_id),
             "smoke": True,
             "description": SMOKE_DESCRIPTION,
-            "default_steps": 20,
             "scheduler": FLOW_MATCH_SCHEDULER if family in FLOW_MATCH_FAMILIES else "ddim",
         }
         for family, model_id in TINY_MODEL_IDS.items()

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+#: The largest seed an image may use (torch generators take 64-bit seeds; we stay in int64). Image i
+#: of a request uses seed + i, so an API that allows n images per request allows seeds up to MAX_SEED - n.
 MAX_SEED = 2**63 - 1
 
 
@@ -24,38 +26,56 @@ def image_seeds(seed: int, num_images: int) -> tuple[int, ...]:
     return tuple(seed + i for i in range(num_images))
 
 
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One validated img2img request for one model.
+@dataclass(frozen=True, kw_only=True)
+class GenerationParams:
+    """What to generate: every parameter a caller chooses, under one set of names for every layer.
+
+    One type for the whole path: each API builds it from its own fields, applying its own spec's
+    defaults (the only place a default value lives), the ingress job carries it, and the engine's
+    ``GenerationRequest`` is one. ``None`` means "not chosen": the seed is then drawn at the ingress,
+    and the guidance scales are the model's own (``ModelSpec.default_*``, what ``GET /v1/models``
+    advertises). ``width``/``height`` 0 mean the source image's size.
+    """
+
+    prompt: str
+    negative_prompt: str | None = None
+    prompt_2: str | None = None
+    negative_prompt_2: str | None = None
+    strength: float
+    steps: int
+    guidance_scale: float | None = None
+    image_guidance_scale: float | None = None
+    num_images: int = 1
+    seed: int | None = None
+    width: int = 0
+    height: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationRequest(GenerationParams):
+    """One validated img2img request for one model, as the engine runs it.
 
     ``image`` is RGB and already at the output size (a multiple of 8, see ``images.output_size``):
-    the ingress decodes and resizes, so replicas never see bad bytes. ``seed`` is always concrete
-    (``draw_seed`` fills it in when the caller gave none).
+    the ingress decodes and resizes, so replicas never see bad bytes. Every choice is concrete here:
+    the seed is drawn (``draw_seed``) and the guidance scales resolved before a request is built, and
+    ``width``/``height`` are the image's.
     """
 
     request_id: str
     model: str
-    prompt: str
     image: Image.Image
     seed: int
-    negative_prompt: str | None = None
-    prompt_2: str | None = None
-    negative_prompt_2: str | None = None
-    strength: float = 0.8
-    steps: int = 20
-    guidance_scale: float = 7.5
-    image_guidance_scale: float = 1.5
-    num_images: int = 1
+    guidance_scale: float
+    image_guidance_scale: float
     exact: bool = False
     tenant: str = "default"
 
-    @property
-    def width(self) -> int:
-        return self.image.width
-
-    @property
-    def height(self) -> int:
-        return self.image.height
+    def __post_init__(self) -> None:
+        if (self.width, self.height) == (0, 0):
+            object.__setattr__(self, "width", self.image.width)
+            object.__setattr__(self, "height", self.image.height)
+        elif (self.width, self.height) != self.image.size:
+            raise ValueError(f"request size {self.width}x{self.height} is not its image's {self.image.size}")
 
     @property
     def seeds(self) -> tuple[int, ...]:

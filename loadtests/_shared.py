@@ -1,4 +1,5 @@
-"""Parts the runner and the locustfile share; plain Python (no locust, no gevent)."""
+"""Parts several loadtests modules share (the runner, the locustfile, the soak); plain Python (no locust,
+no gevent)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,18 @@ def parse_api_keys(spec: str) -> list[tuple[str, str, float]]:
                 pass
         tenants.append((name or f"tenant{len(tenants) + 1}", key, max(weight, 0.0)))
     return tenants
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q``-th percentile (0-100) by linear interpolation between closest ranks (numpy's default);
+    ``None`` for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def parse_steps(spec: str) -> tuple[int, int]:

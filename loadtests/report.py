@@ -64,11 +64,11 @@ def _num(value: str | None) -> float | None:
         return None
 
 
-def _fmt(value: float | None, digits: int = 0) -> str:
+def fmt_number(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(headers: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines
@@ -85,10 +85,10 @@ def _stats_rows(groups: dict[str, Group], wall_s: float) -> list[list[str]]:
                 str(group.failures),
                 f"{100 * group.failures / group.requests:.1f}%" if group.requests else "-",
                 f"{group.requests / wall_s:.2f}" if wall_s > 0 else "-",
-                _fmt(group.total_ms / group.requests if group.requests else None),
-                _fmt(group.percentile(0.5)),
-                _fmt(group.percentile(0.95)),
-                _fmt(group.percentile(0.99)),
+                fmt_number(group.total_ms / group.requests if group.requests else None),
+                fmt_number(group.percentile(0.5)),
+                fmt_number(group.percentile(0.95)),
+                fmt_number(group.percentile(0.99)),
             ]
         )
     return rows
@@ -132,23 +132,23 @@ def write_report(
         f"{total.requests / max(wall_s, 1e-9):.2f} req/s, "
         f"{total.failures} failures "
         f"({100 * total.failures / total.requests if total.requests else 0:.1f}%), "
-        f"p50 {_fmt(total.percentile(0.5))} ms, p95 {_fmt(total.percentile(0.95))} ms, "
-        f"p99 {_fmt(total.percentile(0.99))} ms.**",
+        f"p50 {fmt_number(total.percentile(0.5))} ms, p95 {fmt_number(total.percentile(0.95))} ms, "
+        f"p99 {fmt_number(total.percentile(0.99))} ms.**",
         "",
         "`async_e2e` is the end-to-end time of an async job (submit to final state, polls included); it is",
         "not an HTTP request and is left out of the totals.",
         "",
         "## Per endpoint",
         "",
-        *_table(["endpoint", *STATS_HEADERS[1:]], _stats_rows(by_endpoint, wall_s)),
+        *markdown_table(["endpoint", *STATS_HEADERS[1:]], _stats_rows(by_endpoint, wall_s)),
         "",
         "## Per tenant (all endpoints, async_e2e included)",
         "",
-        *_table(["tenant", *STATS_HEADERS[1:]], _stats_rows(by_tenant, wall_s)),
+        *markdown_table(["tenant", *STATS_HEADERS[1:]], _stats_rows(by_tenant, wall_s)),
         "",
         "## Per endpoint and tenant",
         "",
-        *_table(["request", *STATS_HEADERS[1:]], _stats_rows(by_name, wall_s)),
+        *markdown_table(["request", *STATS_HEADERS[1:]], _stats_rows(by_name, wall_s)),
         "",
     ]
     if failures:
@@ -157,9 +157,9 @@ def write_report(
             [f["Method"], f["Name"], f["Error"][:160].replace("|", "/"), f["Occurrences"]]
             for f in sorted(failures, key=lambda f: -int(f.get("Occurrences") or 0))[:20]
         ]
-        lines += [*_table(["method", "name", "error", "count"], rows), ""]
+        lines += [*markdown_table(["method", "name", "error", "count"], rows), ""]
 
-    lines += _metrics_section(config, snapshots)
+    lines += metrics_section(config, snapshots)
     plots = _plots(out, history, snapshots)
     if plots:
         lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
@@ -168,7 +168,7 @@ def write_report(
     return summary
 
 
-def _metrics_section(config: dict, snapshots: list[Snapshot]) -> list[str]:
+def metrics_section(config: dict, snapshots: list[Snapshot]) -> list[str]:
     lines = ["## Server metrics", ""]
     if not config.get("metrics_url"):
         return [*lines, "No `--metrics-url` given: no batch sizes or replica counts.", ""]
@@ -196,7 +196,7 @@ def _metrics_section(config: dict, snapshots: list[Snapshot]) -> list[str]:
         total = sum(c for _, c in buckets)
         lines += ["", "Batch size distribution (`ray_img2img_batch_samples` bucket deltas, UNet calls):", ""]
         rows = [[label, f"{count:.0f}", f"{100 * count / total:.1f}%"] for label, count in buckets if count]
-        lines += _table(["samples per call", "calls", "share"], rows)
+        lines += markdown_table(["samples per call", "calls", "share"], rows)
     lines += ["", "Replicas per deployment over time (healthy replicas; changes only):", ""]
     deployments = sorted({d for s in snapshots for d in s.replicas})
     rows, previous = [], None
@@ -205,7 +205,7 @@ def _metrics_section(config: dict, snapshots: list[Snapshot]) -> list[str]:
         if current != previous:
             rows.append([f"{snap.t - first.t:.0f}", *current])
             previous = current
-    lines += [*_table(["t (s)", *deployments], rows), ""]
+    lines += [*markdown_table(["t (s)", *deployments], rows), ""]
     ongoing = sorted({d for s in snapshots for d in s.ongoing})
     if ongoing:
         peaks = ", ".join(f"{d} {max(s.ongoing.get(d, 0) for s in snapshots):.0f}" for d in ongoing)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from benchmarks.serve_batching import percentile
+from loadtests._shared import percentile
 
 PROCESSES = ("poisson", "fixed")
 

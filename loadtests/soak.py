@@ -7,10 +7,11 @@ Why: load tests find the peak; a soak finds what only time shows: memory that ke
 that restarts, a slow drift into errors. Passing means zero failed requests, a client that kept to its
 schedule, and (reported, optionally enforced) no process whose memory still grows once warm.
 
-By default it starts its own stack (``benchmarks/serve_batching.LocalStack``: Ray in-process on
-127.0.0.1, the app on the tiny model) with real S3 storage (SeaweedFS from ``tests/support/s3server``;
-``--storage local`` for the ingress-served folder). With ``--url``/``--api-key`` it targets a running
-service and samples the processes of the Ray node on this machine if it finds one.
+By default it starts its own stack as subprocesses (``loadtests/stack.py``): the service as ``make run``
+starts it (``python -m serve.local``, Ray and the app on the tiny models, on free 127.0.0.1 ports) with
+real S3 storage (SeaweedFS's ``weed mini``; ``--storage local`` for the ingress-served folder), and
+stops them at the end. It imports nothing from the service: HTTP only. With ``--url``/``--api-key`` it
+targets a running service and samples the processes of the Ray node on this machine if it finds one.
 
 Bounded: arrivals stop at ``--duration`` and at ``--max-requests``, at most ``--concurrency`` requests are
 in flight, a request that cannot be sent within ``--max-lag`` of its due time is skipped (and the run is
@@ -42,12 +43,12 @@ from urllib.parse import urlparse
 
 import httpx
 
-from benchmarks.serve_batching import LocalStack, add_local_stack_arguments, source_images, wait_until
 from loadtests.growth import all_growth, steady_window
 from loadtests.metrics import Snapshot, normalize_metrics_url, scrape
 from loadtests.schedule import PROCESSES, arrivals, schedule_health
-from loadtests.soak_client import ENDPOINTS, SIDES, STEPS, SoakClient, draw
+from loadtests.soak_client import ENDPOINTS, SIDES, STEPS, SoakClient, draw, source_images
 from loadtests.soak_report import EXIT_NO_SERVICE, Outcome, build_summary, exit_code, write_report
+from loadtests.stack import DEFAULT_CONFIG, DEFAULT_MODELS_DIR, LocalService, SeaweedS3, wait_until
 from loadtests.workers import MemorySample, WorkerSampler, local_ray_roots
 
 DEFAULT_RATE = 2.5  # requests/s: ~55 % of the ~4.4 req/s the local stack sustained on a shared 2-core CPU
@@ -65,7 +66,6 @@ class Target:
     metrics_url: str = ""
     roots: list[int] = field(default_factory=list)
     driver_pid: int | None = None
-    ignore_pids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -91,40 +91,40 @@ class SoakState:
 
 @contextlib.contextmanager
 def local_service(args: argparse.Namespace) -> Iterator[Target]:
-    """The local stack, with a SeaweedFS S3 server behind it unless ``--storage local``. Both are
-    children of this process, so the sampler finds them (and every Ray process) below our pid."""
-    s3 = stack = None
-    try:
-        storage = None
+    """The service as a subprocess (``python -m serve.local`` on a generated config, output in
+    ``--out``/service.log), with a SeaweedFS S3 server behind it unless ``--storage local``; both
+    stopped on the way out. The sampler takes the service's process and everything below it (Ray's
+    processes, every Serve actor), not the S3 server (a sibling, not a child, of the service)."""
+    with contextlib.ExitStack() as stack:
+        s3_storage, environment = None, {}
         if args.storage == "s3":
-            from tests.support.s3server import SeaweedS3Server
-
-            s3 = SeaweedS3Server().start()
-            os.environ.update(
-                IMG2IMG_S3_ENDPOINT=s3.endpoint,
-                IMG2IMG_S3_ACCESS_KEY=s3.access_key,
-                IMG2IMG_S3_SECRET_KEY=s3.secret_key,
-                IMG2IMG_S3_SECURE="false",
-            )
-            storage = {"kind": "s3", "bucket": S3_BUCKET, "url_expiry_s": 3600}
+            s3 = SeaweedS3()
+            stack.callback(s3.close)
+            s3.start()
+            environment = s3.environment()
+            s3_storage = {"kind": "s3", "bucket": S3_BUCKET, "url_expiry_s": 3600}
             print(f"S3 (SeaweedFS) on {s3.endpoint}, started in {s3.startup_s:.1f} s", flush=True)
-        stack = LocalStack(args, storage=storage)
-        stack.start()
-        stack.deploy(args.max_batch_samples)
-        yield Target(
-            url=stack.base_url,
-            api_key=stack.api_key,
-            storage=args.storage,
-            metrics_url=normalize_metrics_url(stack.metrics_url),
-            roots=[os.getpid()],
-            driver_pid=os.getpid(),
-            ignore_pids=(s3.process.pid,) if s3 is not None and s3.process is not None else (),
+        service = LocalService(
+            config=args.config,
+            models_dir=args.models_dir,
+            num_cpus=args.num_cpus,
+            torch_threads=args.torch_threads,
+            max_batch_samples=args.max_batch_samples,
+            s3=s3_storage,
+            environment=environment,
+            start_timeout_s=args.start_timeout,
+            log_path=args.out / "service.log",
         )
-    finally:
-        if stack is not None:
-            stack.stop()
-        if s3 is not None:
-            s3.close()
+        stack.callback(service.stop)
+        service.start()
+        yield Target(
+            url=service.base_url,
+            api_key=service.api_key,
+            storage=args.storage,
+            metrics_url=normalize_metrics_url(service.metrics_url),
+            roots=[service.pid],
+            driver_pid=service.pid,
+        )
 
 
 @contextlib.contextmanager
@@ -147,9 +147,9 @@ def memory_note(target: Target, interval_s: float) -> str:
         )
     if target.driver_pid:
         return (
-            f"Every ~{interval_s:.0f} s: this script (`driver`: the Ray driver and the load client) and "
-            "every process it started (Ray's own processes, each Serve actor), with their children; not "
-            "the S3 server (test infrastructure, it grows with the objects it stores)."
+            f"Every ~{interval_s:.0f} s: the service's process (`driver`: `python -m serve.local`, the Ray "
+            "driver) and every process below it (Ray's own processes, each Serve actor); not the load "
+            "client, nor the S3 server (test infrastructure, it grows with the objects it stores)."
         )
     return (
         f"Every ~{interval_s:.0f} s: the processes under pid(s) {', '.join(map(str, target.roots))} on "
@@ -290,7 +290,7 @@ async def soak(state: SoakState, target: Target, args: argparse.Namespace) -> No
         await warm_up(client, args)
         schedule = arrivals(args.rate, args.duration, args.max_requests, args.arrivals, args.seed)
         state.scheduled = len(schedule)
-        sampler = WorkerSampler(target.roots, target.driver_pid, target.ignore_pids)
+        sampler = WorkerSampler(target.roots, target.driver_pid)
         stop = asyncio.Event()
         print(
             f"soak: {len(schedule)} requests due over {args.duration:.0f} s "
@@ -407,12 +407,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="skip a request not sent this long after it was due (the run is then 'behind'), s",
     )
     parser.add_argument("--out", type=Path, default=Path("out/soak"), help="report folder")
-    local = parser.add_argument_group("own stack (default)")
-    add_local_stack_arguments(local)
+    local = parser.add_argument_group("own stack (default): python -m serve.local as a subprocess")
+    local.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help="Serve config to start from (ports etc. replaced)"
+    )
+    local.add_argument(
+        "--models-dir", type=Path, default=DEFAULT_MODELS_DIR, help="tiny models (built there if missing)"
+    )
+    local.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2, help="CPUs given to Ray")
+    local.add_argument(
+        "--torch-threads",
+        type=int,
+        help="override the config's torch_threads per model replica (on a busy 2-core box, 2 threads "
+        "can make each step >10x slower than 1)",
+    )
     local.add_argument(
         "--storage", choices=("s3", "local"), default="s3", help="SeaweedFS S3, or a local folder"
     )
     local.add_argument("--max-batch-samples", type=int, default=8, help="the engine's batch cap")
+    local.add_argument(
+        "--start-timeout", type=float, default=300, help="seconds the service gets to answer /readyz"
+    )
     remote = parser.add_argument_group("existing service")
     remote.add_argument("--url", help="base URL of a running service, e.g. http://127.0.0.1:8000")
     remote.add_argument("--api-key", default=os.environ.get("IMG2IMG_DEV_API_KEY"))
@@ -430,6 +445,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--rate, --concurrency and --sample-interval must be positive")
     if not 0 <= args.warmup_fraction < 1:
         parser.error("--warmup-fraction must be in [0, 1)")
+    if not 1 <= args.start_timeout <= 1800:
+        parser.error("--start-timeout must be 1-1800 s")
     if not 0 <= args.download_fraction <= 1:
         parser.error("--download-fraction must be in [0, 1]")
     if args.max_lag <= 0:

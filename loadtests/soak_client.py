@@ -62,6 +62,20 @@ def draw(rng: random.Random, endpoints: tuple[str, ...] = ENDPOINTS) -> Draw:
     )
 
 
+def source_images(side: int, count: int = 3, seed: int = 0) -> list[str]:
+    """``count`` random-noise PNG data URLs of ``side``×``side`` (noise: PNG cannot shrink it to nothing)."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    urls = []
+    for _ in range(count):
+        image = Image.frombytes("RGB", (side, side), rng.randbytes(side * side * 3))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        urls.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
+    return urls
+
+
 class RequestFailed(Exception):
     """A wrong answer; ``args[0]`` is its error code."""
 

@@ -13,10 +13,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.serve_batching import percentile
+from loadtests._shared import percentile
 from loadtests.growth import Growth
 from loadtests.metrics import Snapshot
-from loadtests.report import _fmt, _metrics_section, _table
+from loadtests.report import fmt_number, markdown_table, metrics_section
 from loadtests.schedule import ScheduleHealth
 from loadtests.workers import MemorySample
 
@@ -128,7 +128,7 @@ def render_markdown(summary: dict, snapshots: list[Snapshot], plots: list[str] =
         f"steps {config['steps']}, sides {config['sides']}, 1-2 images.",
         "",
         f"**{_verdict(summary)}: {total['sent']} requests in {summary['load_s']:.0f} s "
-        f"({_fmt(total.get('rate_per_s'), 2)} req/s), {total['ok']} ok, {total['errors']} errors; "
+        f"({fmt_number(total.get('rate_per_s'), 2)} req/s), {total['ok']} ok, {total['errors']} errors; "
         f"{summary['wall_s']:.0f} s with the drain; {len(flagged)} process(es) flagged for memory growth.**",
         "",
         "## Requests",
@@ -143,11 +143,11 @@ def render_markdown(summary: dict, snapshots: list[Snapshot], plots: list[str] =
             str(s["ok"]),
             str(s["errors"]),
             str(s["downloads_checked"]),
-            _fmt(s["rate_per_s"], 2),
-            _fmt(s["latency_p50_s"], 2),
-            _fmt(s["latency_p95_s"], 2),
-            _fmt(s["latency_p99_s"], 2),
-            _fmt(s["latency_max_s"], 2),
+            fmt_number(s["rate_per_s"], 2),
+            fmt_number(s["latency_p50_s"], 2),
+            fmt_number(s["latency_p95_s"], 2),
+            fmt_number(s["latency_p99_s"], 2),
+            fmt_number(s["latency_max_s"], 2),
         ]
         for endpoint, s in requests.items()
     ]
@@ -163,20 +163,20 @@ def render_markdown(summary: dict, snapshots: list[Snapshot], plots: list[str] =
         "p99 s",
         "max s",
     ]
-    lines += [*_table(headers, rows), "", "## Errors", ""]
+    lines += [*markdown_table(headers, rows), "", "## Errors", ""]
     error_rows = [
         [endpoint, code, str(count)]
         for endpoint, s in requests.items()
         if endpoint != "all"
         for code, count in s["errors_by_code"].items()
     ]
-    lines += [*(_table(["endpoint", "error", "count"], error_rows) if error_rows else ["None."]), ""]
+    lines += [*(markdown_table(["endpoint", "error", "count"], error_rows) if error_rows else ["None."]), ""]
     lines += [
         "## Schedule",
         "",
         f"{schedule['scheduled']} requests due, {schedule['sent']} sent, {schedule['unsent']} left unsent; "
-        f"send lag (time waiting for a free slot) p50 {_fmt(schedule['lag_p50_s'], 2)} s, "
-        f"p95 {_fmt(schedule['lag_p95_s'], 2)} s, max {_fmt(schedule['lag_max_s'], 2)} s "
+        f"send lag (time waiting for a free slot) p50 {fmt_number(schedule['lag_p50_s'], 2)} s, "
+        f"p95 {fmt_number(schedule['lag_p95_s'], 2)} s, max {fmt_number(schedule['lag_max_s'], 2)} s "
         f"(a request not sent within {schedule['max_lag_s']} s is skipped): "
         f"**{'BEHIND' if schedule['behind'] else 'kept up'}**.",
         "",
@@ -200,12 +200,12 @@ def render_markdown(summary: dict, snapshots: list[Snapshot], plots: list[str] =
                 str(p["pid"]),
                 f"{p['first_t']:.0f}–{p['last_t']:.0f}",
                 str(p["samples"]),
-                _fmt(p["first_mb"], 1),
-                _fmt(p["last_mb"], 1),
-                _fmt(p["max_mb"], 1),
+                fmt_number(p["first_mb"], 1),
+                fmt_number(p["last_mb"], 1),
+                fmt_number(p["max_mb"], 1),
                 f"{p['growth_mb']:+.1f}",
                 "-" if p["slope_mb_per_h"] is None else f"{p['slope_mb_per_h']:+.1f}",
-                _fmt(p["last_uss_mb"], 1),
+                fmt_number(p["last_uss_mb"], 1),
                 "⚠" if p["flagged"] else "",
             ]
             for p in processes
@@ -223,7 +223,7 @@ def render_markdown(summary: dict, snapshots: list[Snapshot], plots: list[str] =
             "USS",
             "flag",
         ]
-        lines += [*_table(headers, rows), ""]
+        lines += [*markdown_table(headers, rows), ""]
         window_s = summary["wall_s"] - config["window_start_s"]
         if window_s < SHORT_WINDOW_S:
             lines += [
@@ -231,7 +231,7 @@ def render_markdown(summary: dict, snapshots: list[Snapshot], plots: list[str] =
                 "mostly noise (warm-up of new shapes, allocator); judge growth on a 10-minute run.",
                 "",
             ]
-    lines += _metrics_section(config, snapshots)
+    lines += metrics_section(config, snapshots)
     lines += [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
 

@@ -3,21 +3,18 @@
 Why psutil and process titles: Ray's state API needs the dashboard's API server, which the local
 stacks do not run, while every Ray worker renames itself ``ray::<Class>`` (``ray::ServeController``,
 ``ray::ProxyActor``, ``ray::ServeReplica:<app>:<deployment>``, ``ray::IDLE``); raylet and gcs_server
-are plain executables. When the driver is in this process, Ray's GCS actor table adds each actor's
-name (a replica's unique id) to the label. Each process is one series keyed by label and pid, so a
-restarted replica shows up as a series that ends and a new one that starts.
+are plain executables. Each process is one series keyed by label and pid, so a restarted replica
+shows up as a series that ends and a new one that starts.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 import psutil
 
 RAY_BINARIES = ("raylet", "gcs_server")
-_REPLICA_NAME = re.compile(r"^SERVE_REPLICA::([^#]+)#([^#]+)#(\w+)$")
 
 
 @dataclass(frozen=True)
@@ -30,14 +27,10 @@ class MemorySample:
     uss_mb: float | None
 
 
-def process_label(cmdline: list[str], name: str, actor_name: str | None = None) -> str:
-    """A readable, stable label: ``ServeReplica:img2img:Ingress#dvl99v0z`` (from the actor name when
-    known), ``ServeController``, ``raylet``, ``monitor.py``. A busy worker's title may carry the method
-    it runs (``ray::Class.method``): dropped, so the label does not depend on the moment."""
-    replica = _REPLICA_NAME.match(actor_name or "")
-    if replica:
-        app, deployment, replica_id = replica.groups()
-        return f"ServeReplica:{app}:{deployment}#{replica_id}"
+def process_label(cmdline: list[str], name: str) -> str:
+    """A readable, stable label: ``ServeReplica:img2img:Ingress``, ``ServeController``, ``raylet``,
+    ``monitor.py``. A busy worker's title may carry the method it runs (``ray::Class.method``): dropped,
+    so the label does not depend on the moment."""
     title = cmdline[0].strip() if cmdline else ""
     if title.startswith("ray::"):
         words = title[len("ray::") :].split()
@@ -48,25 +41,6 @@ def process_label(cmdline: list[str], name: str, actor_name: str | None = None) 
     if scripts:
         return scripts[0]
     return os.path.basename(cmdline[0]) if cmdline else name
-
-
-def actor_names_by_pid() -> dict[int, str]:
-    """pid → actor name from the GCS actor table, when a Ray driver runs in this process (else empty).
-    ``ray._private.state`` is private, so any failure just means labels without replica ids."""
-    try:
-        import ray
-
-        if not ray.is_initialized():
-            return {}
-        from ray._private import state
-
-        return {
-            int(actor["Pid"]): actor["Name"]
-            for actor in state.actors().values()
-            if actor.get("Name") and actor.get("Pid") and actor.get("State") == "ALIVE"
-        }
-    except Exception:
-        return {}
 
 
 def local_ray_roots() -> list[int]:
@@ -81,8 +55,8 @@ def local_ray_roots() -> list[int]:
 
 
 class WorkerSampler:
-    """Samples ``roots`` and all their descendants but ``ignore``; ``driver_pid`` (this script, when it
-    hosts the driver) is labelled ``driver``."""
+    """Samples ``roots`` and all their descendants but ``ignore``; ``driver_pid`` (the process that
+    hosts the Ray driver, e.g. the service the soak started) is labelled ``driver``."""
 
     def __init__(self, roots: list[int], driver_pid: int | None = None, ignore: tuple[int, ...] = ()) -> None:
         self.roots = roots
@@ -101,23 +75,20 @@ class WorkerSampler:
                 continue
         return [proc for pid, proc in found.items() if pid not in self.ignore]
 
-    def _label(self, proc: psutil.Process, actors: dict[int, str]) -> str:
+    def _label(self, proc: psutil.Process) -> str:
         if proc.pid == self.driver_pid:
             return "driver"
-        label = process_label(proc.cmdline(), proc.name(), actors.get(proc.pid))
+        label = process_label(proc.cmdline(), proc.name())
         if label.startswith("IDLE"):
             return label  # an idle worker may become an actor: look again next time
         return self._labels.setdefault(proc.pid, label)
 
     def sample(self, t: float) -> list[MemorySample]:
         """One reading of every live process; a process that exits meanwhile is skipped."""
-        procs = self.processes()
-        unknown = any(proc.pid not in self._labels and proc.pid != self.driver_pid for proc in procs)
-        actors = actor_names_by_pid() if unknown else {}
         samples = []
-        for proc in procs:
+        for proc in self.processes():
             try:
-                label = self._label(proc, actors)
+                label = self._label(proc)
                 try:
                     info = proc.memory_full_info()
                     rss, uss = info.rss, info.uss

@@ -17,7 +17,8 @@ from ray import serve
 from ray.serve import Application
 
 from serve.config import AppArgs, ModelDeployment
-from serve.deployments.coordinator import GovernorDeployment, JobCoordinator
+from serve.deployments.coordinator import JobCoordinator
+from serve.deployments.governor import GovernorDeployment
 from serve.deployments.ingress import Ingress
 from serve.deployments.model_worker import ModelWorker
 
@@ -32,18 +33,19 @@ def _model_deployment(model: ModelDeployment) -> Application:
         autoscaling_config=model.scaling.serve_config(),
         max_ongoing_requests=model.ongoing_limit,
         max_queued_requests=model.max_queued_requests,
-        user_config=asdict(model.engine_config),
+        user_config=asdict(model.engine_config),  # the engine config's one way in (reconfigure)
         health_check_timeout_s=model.health_check_timeout_s,
         graceful_shutdown_timeout_s=model.graceful_shutdown_timeout_s,
     )
-    return deployment.bind(model.spec, model.engine, model.torch_threads, model.optimize)
+    return deployment.bind(model.spec, model.torch_threads, model.optimize)
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Validate ``args`` (errors name the bad field) and wire ingress → model deployments."""
+    """Validate ``args`` (errors name the bad field) and wire ingress → model deployments.
+
+    The only validation of ``args``: every deployment receives the validated ``AppArgs`` itself."""
     parsed = AppArgs.model_validate(args)
     handles = {model.spec["id"]: _model_deployment(model) for model in parsed.models}
-    args_json = parsed.model_dump(mode="json")
 
     def single(cls, name: str):
         """A coordination deployment: one replica that only awaits; Serve restarts it if it dies."""
@@ -54,9 +56,9 @@ def build_app(args: dict[str, Any]) -> Application:
             max_ongoing_requests=1000,
         )
 
-    governor = single(GovernorDeployment, "TenantGovernor").bind(args_json)
+    governor = single(GovernorDeployment, "TenantGovernor").bind(parsed)
     # One coordinator owns durable jobs, so idempotency claims and cancellations stay race-free.
-    coordinator = single(JobCoordinator, "JobCoordinator").bind(args_json, handles, governor)
+    coordinator = single(JobCoordinator, "JobCoordinator").bind(parsed, handles, governor)
     ingress = serve.deployment(Ingress).options(
         name="Ingress",
         ray_actor_options={"num_cpus": parsed.ingress.num_cpus},
@@ -64,4 +66,4 @@ def build_app(args: dict[str, Any]) -> Application:
         max_ongoing_requests=parsed.ingress.max_ongoing_requests,
         max_queued_requests=parsed.ingress.max_queued_requests,
     )
-    return ingress.bind(args_json, handles, coordinator, governor)
+    return ingress.bind(parsed, handles, coordinator, governor)

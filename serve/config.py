@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from inference.engine_config import EngineConfig, OptimizeConfig
-from inference.models import GUIDED_ROWS, ModelRegistry, ModelSpec
+from inference.images import MAX_OUTPUT_SIDE
+from inference.models import GUIDED_ROWS, Family, ModelRegistry
 from serve.middleware.cors import CorsPolicy
 from serve.storage.objects import LocalObjectStore, S3ObjectStore
 from serve.tenancy.tenants import Tenant, TenantDirectory, check_tenant_name
@@ -144,21 +145,18 @@ class ModelDeployment(_Strict):
     def _buckets_hold_one_sample(self) -> ModelDeployment:
         """A sample wider than the largest bucket would run unpadded: a shape warm-up never saw."""
         buckets = self.optimize.get("row_buckets")
-        rows = GUIDED_ROWS[self.model_spec.family]
+        family = Family(self.spec["family"])  # _valid_spec checked it
+        rows = GUIDED_ROWS[family]
         if buckets and max(buckets) < rows:
             raise ValueError(
                 f"model {self.spec['id']!r}: optimize.row_buckets = {list(buckets)}; the largest bucket "
-                f"must hold one guided sample of family {self.model_spec.family.value} ({rows} rows)"
+                f"must hold one guided sample of family {family.value} ({rows} rows)"
             )
         return self
 
     @property
     def optimize_config(self) -> OptimizeConfig:
         return OptimizeConfig(**self.optimize)
-
-    @property
-    def model_spec(self) -> ModelSpec:
-        return ModelRegistry.from_config([self.spec]).default
 
     @property
     def engine_config(self) -> EngineConfig:
@@ -233,7 +231,12 @@ class AppArgs(_Strict):
     cors: CorsPolicy = CorsPolicy()
     tenants: list[Tenant] = Field(default_factory=list, description="tenants with hashed keys and limits")
     request_timeout_s: float = Field(300, gt=0, description="a request waiting longer gets 504")
-    max_side: int = Field(2048, ge=64, le=4096)
+    max_side: int = Field(
+        MAX_OUTPUT_SIDE,
+        ge=64,
+        le=MAX_OUTPUT_SIDE,
+        description="longest output side for every model (a model's own max_side may lower it further)",
+    )
 
     @model_validator(mode="after")
     def _unique_models(self) -> AppArgs:

@@ -24,7 +24,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inference.errors import InferenceError
 from serve.api import jobs, node, openai, rest_v1, system, usage
-from serve.api.errors import ApiError, api_error
+from serve.api.errors import ApiError, Dialect, Failure
+from serve.errors import ServingError
 from serve.middleware.body_limit import BodyLimitMiddleware
 from serve.middleware.cors import CorsPolicy, add_cors
 from serve.observability.log_redaction import redact_library_logs
@@ -32,17 +33,17 @@ from serve.observability.log_redaction import redact_library_logs
 logger = logging.getLogger("serve.api.app")
 
 #: Path prefix → the API whose error vocabulary applies (first match wins).
-DIALECTS = (
-    ("/v1/nodes/", node.NodeDialect()),
-    ("/v1/images/", openai.OpenAIDialect()),
-    ("/", rest_v1.RestDialect()),
+DIALECTS: tuple[tuple[str, Dialect], ...] = (
+    ("/v1/nodes/", node.DIALECT),
+    ("/v1/images/", openai.DIALECT),
+    ("/", rest_v1.DIALECT),
 )
 
 #: A 10 MB image is ~13.4 MB as base64; anything far beyond is refused before it is read.
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
-def _dialect(request: Request):
+def _dialect(request: Request) -> Dialect:
     return next(d for prefix, d in DIALECTS if request.url.path.startswith(prefix))
 
 
@@ -58,8 +59,7 @@ def _methods_for(request: Request) -> list[str]:
 
 def _render(request: Request, error: ApiError) -> JSONResponse:
     """The error in the envelope of the API the path belongs to (a dialect may bring its own)."""
-    render = getattr(_dialect(request), "render", None)
-    return render(error) if render is not None else error.response()
+    return _dialect(request).render(error)
 
 
 def _openapi_without_422(app: FastAPI):
@@ -89,7 +89,7 @@ AUTHENTICATED_PREFIX = "/v1/"
 class UnauthenticatedBodyError(StarletteHTTPException):
     """Raised from ``receive`` when a request without a valid key is about to have its body read."""
 
-    def __init__(self, error: InferenceError) -> None:
+    def __init__(self, error: ServingError) -> None:
         super().__init__(status_code=401, detail=error.message)
         self.error = error
 
@@ -123,7 +123,7 @@ class AuthenticateFirstMiddleware:
                 if tenants is not None:
                     try:
                         tenants.tenant_for(Headers(scope=scope).get("authorization"))
-                    except InferenceError as error:
+                    except ServingError as error:
                         raise UnauthenticatedBodyError(error) from None
                 checked = True
             return await receive()
@@ -176,12 +176,14 @@ def create_app(max_body_bytes: int = MAX_BODY_BYTES, cors: CorsPolicy | None = N
     async def on_api_error(request: Request, error: ApiError) -> JSONResponse:
         return _render(request, error)
 
-    @app.exception_handler(InferenceError)
-    async def on_inference_error(request: Request, error: InferenceError) -> JSONResponse:
-        translated = api_error(error, _dialect(request).rename)
+    async def on_failure(request: Request, error: Failure) -> JSONResponse:
+        translated = _dialect(request).translate(error)
         if translated.status >= 500:
             logger.warning("%s %s failed: %s (%s)", request.method, request.url.path, error.code, error)
         return _render(request, translated)
+
+    app.add_exception_handler(InferenceError, on_failure)
+    app.add_exception_handler(ServingError, on_failure)
 
     @app.exception_handler(Exception)
     async def on_unexpected_error(request: Request, error: Exception) -> JSONResponse:
@@ -197,14 +199,14 @@ def create_app(max_body_bytes: int = MAX_BODY_BYTES, cors: CorsPolicy | None = N
         if request.url.path.startswith("/v1/") and tenants is not None:
             try:
                 tenants.tenant_for(request.headers.get("authorization"))
-            except InferenceError as auth_error:
-                return _render(request, api_error(auth_error, _dialect(request).rename))
+            except ServingError as auth_error:
+                return _render(request, _dialect(request).translate(auth_error))
         return _render(request, _dialect(request).validation(error.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         if isinstance(error, UnauthenticatedBodyError):
-            return _render(request, api_error(error.error, _dialect(request).rename))
+            return _render(request, _dialect(request).translate(error.error))
         code = HTTP_ERROR_CODES.get(error.status_code, "http_error")
         headers = dict(error.headers or {})
         if error.status_code == 405:  # Starlette names only the first matching route's methods

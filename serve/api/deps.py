@@ -1,14 +1,16 @@
-"""FastAPI dependencies shared by the API routers: the generation service and the caller's tenant."""
+"""FastAPI dependencies shared by the API routers: the generation service, the job machinery and the
+caller's tenant, all read from ``app.state`` (filled by ``serve.wiring`` or, in tests, by fakes)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request
 from pydantic import BaseModel
 
 from serve.generation.service import GenerationService
 from serve.jobs.records import JobStore
+from serve.jobs.submission import Coordinator, Submissions
 
 
 def get_service(request: Request) -> GenerationService:
@@ -19,9 +21,14 @@ def get_tenant(request: Request) -> str:
     return request.app.state.tenants.tenant_for(request.headers.get("authorization"))
 
 
-def get_jobs(request: Request):
+def get_coordinator(request: Request) -> Coordinator:
     """The job coordinator (a Ray handle adapter in production, an in-process JobRunner in tests)."""
     return request.app.state.jobs
+
+
+def get_submissions(request: Request) -> Submissions:
+    state = request.app.state
+    return Submissions(state.service, state.jobs, state.job_store)
 
 
 def get_job_store(request: Request) -> JobStore:
@@ -29,7 +36,8 @@ def get_job_store(request: Request) -> JobStore:
 
 
 ServiceDep = Annotated[GenerationService, Depends(get_service)]
-JobsDep = Annotated[Any, Depends(get_jobs)]
+CoordinatorDep = Annotated[Coordinator, Depends(get_coordinator)]
+SubmissionsDep = Annotated[Submissions, Depends(get_submissions)]
 JobStoreDep = Annotated[JobStore, Depends(get_job_store)]
 TenantDep = Annotated[str, Depends(get_tenant)]
 

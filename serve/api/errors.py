@@ -1,40 +1,24 @@
-"""One typed error body for every API, and the table that decides each error's HTTP status.
+"""One typed error body for every API, how each error class maps to HTTP, and the dialect type.
 
-Client faults derive from ``InvalidInputError`` and server faults from ``GenerationError``; the
-exception's root, not its text, picks 4xx or 5xx. Each API may rename codes to its own spec's
-vocabulary (the node API's ``invalid_strength``, ...) through a translator, but the envelope is the
-same everywhere: ``{"error": {"code", "message", "details", "param"}}``.
+Nothing here dispatches on code strings: the HTTP status, Retry-After and public message come from
+the error's class (``serve.errors``). Each wire dialect (REST, node, OpenAI) is one
+``Dialect`` in its API module: a table from error class to that API's code, and from our parameter
+names to its field names, so every error names the caller's own field in the caller's own codes.
+The envelope of REST and node is ``{"error": {"code", "message", "details", "param"}}``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from inference.errors import InferenceError, InvalidInputError
-
-#: HTTP status for codes that are not a plain 400 (client) or 500 (server).
-STATUS_BY_CODE: Mapping[str, int] = {
-    "unauthorized": 401,
-    "invalid_connection": 401,
-    "forbidden": 403,
-    "not_found": 404,
-    "image_too_large": 413,
-    "payload_too_large": 413,
-    "rate_limited": 429,
-    "model_not_allowed": 403,
-    "canceled": 409,
-    "idempotency_conflict": 409,
-    "storage_unavailable": 503,
-    "overloaded": 503,
-    "model_unavailable": 503,
-    "timeout": 504,
-}
+from inference.errors import InvalidInputError
+from serve.errors import Failure, by_class, public_message, status_for
 
 
 @dataclass
@@ -91,74 +75,6 @@ def error_responses(envelope: type[BaseModel] = ErrorEnvelope, statuses=tuple(ER
     return {status: {"model": envelope, "description": ERROR_STATUS_MEANINGS[status]} for status in statuses}
 
 
-#: Seconds a client should wait before retrying, for transient server-side states.
-RETRY_AFTER_S: Mapping[str, int] = {"overloaded": 2, "storage_unavailable": 5, "model_unavailable": 10}
-
-
-def status_for(error: InferenceError) -> int:
-    if error.code in STATUS_BY_CODE:
-        return STATUS_BY_CODE[error.code]
-    return 400 if isinstance(error, InvalidInputError) else 500
-
-
-#: What a client is told about a server-side failure, by code. The exception's own text (S3 endpoint,
-#: bucket and object key, a replica's ``repr(exception)``, Ray internals) is logged where it happens
-#: and never sent: a server fault's message is one of these stable sentences, and it has no details.
-PUBLIC_MESSAGES: Mapping[str, str] = {
-    "storage_unavailable": "object storage is temporarily unavailable; retry shortly",
-    "overloaded": "the service is at capacity; retry shortly",
-    "model_unavailable": "the model is temporarily unavailable; retry shortly",
-    "timeout": "generation did not finish within the request timeout; the request was canceled",
-    "out_of_memory": "the model ran out of accelerator memory for this request; try fewer or smaller images",
-    "model_load_failed": "the model could not be loaded; retry later",
-    "generation_failed": "image generation failed on our side; retry later",
-    "internal_error": "internal server error",
-}
-GENERIC_SERVER_MESSAGE = "the request failed on our side; retry later"
-
-
-def is_server_fault(error: InferenceError) -> bool:
-    return status_for(error) >= 500
-
-
-def public_message(code: str) -> str:
-    return PUBLIC_MESSAGES.get(code, GENERIC_SERVER_MESSAGE)
-
-
-def public_fields(error: InferenceError) -> dict[str, Any]:
-    """``{"code", "message", "details"}`` safe to show a client (e.g. on a failed job's record): a
-    client fault keeps its own words (they describe the client's input), a server fault gets the
-    stable sentence for its code."""
-    if is_server_fault(error):
-        return {"code": error.code, "message": public_message(error.code), "details": None}
-    return {"code": error.code, "message": error.message, "details": error.details}
-
-
-def api_error(error: InferenceError, rename: Callable[[InferenceError], str] | None = None) -> ApiError:
-    """Translate an inference/serving error; ``rename`` maps it to an API's own code vocabulary.
-
-    A server fault (5xx) keeps its code and status but never its text: see ``PUBLIC_MESSAGES``. The
-    caller logs the original once (``serve.api.app`` does for every API)."""
-    code = rename(error) if rename else error.code
-    status = status_for(error)
-    retry = RETRY_AFTER_S.get(error.code)
-    if getattr(error, "retry_after_s", None) is not None:
-        retry = max(1, math.ceil(error.retry_after_s))
-    headers = {"Retry-After": str(retry)} if retry else {}
-    if status >= 500:
-        return ApiError(status, code, public_message(error.code), None, None, headers)
-    details = error.details
-    if details is None and error.param is not None and isinstance(error, InvalidInputError):
-        details = f"parameter: {error.param}"
-    return ApiError(status, code, error.message, details, error.param, headers)
-
-
-def overloaded(
-    retry_after_s: int = 1, message: str = "the service is at capacity; retry shortly"
-) -> ApiError:
-    return ApiError(503, "overloaded", message, headers={"Retry-After": str(retry_after_s)})
-
-
 def describe_validation_error(error: Mapping[str, Any]) -> tuple[str, str]:
     """(parameter name, human message) from one pydantic error entry."""
     location = [str(part) for part in error.get("loc", ()) if part not in ("body",)]
@@ -176,3 +92,54 @@ def validation_summary(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str, s
     param, message = describe_validation_error(errors[0])
     details = "; ".join(describe_validation_error(e)[1] for e in errors) if len(errors) > 1 else None
     return param, message, details
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """One API's error vocabulary, as tables (subclasses add how that API reports schema errors).
+
+    * ``codes``: error class → this API's code, looked up along the MRO; absent: the error's own code;
+    * ``params``: our parameter name → this API's field name (``num_images`` → ``batch_size``);
+    * ``field_codes``: for an invalid input on one of this API's fields, that field's code;
+    * ``schema_codes``: more field codes, for schema (type and range) errors only.
+    """
+
+    codes: Mapping[type[Exception], str] = field(default_factory=dict)
+    params: Mapping[str, str] = field(default_factory=dict)
+    field_codes: Mapping[str, str] = field(default_factory=dict)
+    schema_codes: Mapping[str, str] = field(default_factory=dict)
+
+    def param(self, error: Failure) -> str | None:
+        return self.params.get(error.param, error.param) if error.param is not None else None
+
+    def code(self, error: Failure) -> str:
+        code = by_class(self.codes, type(error))
+        if code is not None:
+            return code
+        if isinstance(error, InvalidInputError):
+            return self.field_codes.get(self.param(error) or "", error.code)
+        return error.code
+
+    def translate(self, error: Failure) -> ApiError:
+        """The error in this API's terms. A server fault keeps its status but never its text (see
+        ``public_message``); the caller logs the original once (``serve.api.app`` does for every API)."""
+        status = status_for(error)
+        retry = getattr(error, "retry_after_s", None)
+        headers = {"Retry-After": str(max(1, math.ceil(retry)))} if retry is not None else {}
+        if status >= 500:
+            return ApiError(status, self.code(error), public_message(error), None, None, headers)
+        param = self.param(error)
+        details = error.details
+        if details is None and param is not None:
+            details = f"parameter: {param}"
+        return ApiError(status, self.code(error), error.message, details, param, headers)
+
+    def validation(self, errors: Sequence[Mapping[str, Any]]) -> ApiError:
+        """A request that failed schema validation (FastAPI's 422), as this API's 400."""
+        param, message, details = validation_summary(errors)
+        codes = {**self.field_codes, **self.schema_codes}
+        code = "invalid_request" if param == "body" else codes.get(param, "invalid_parameter")
+        return ApiError(400, code, message, details, param)
+
+    def render(self, error: ApiError) -> JSONResponse:
+        return error.response()

@@ -15,9 +15,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from inference.errors import InferenceError
-from serve.api.deps import JobsDep, JobStoreDep, ServiceDep, TenantDep
-from serve.api.errors import ApiError, error_responses, public_fields
+from serve.api.deps import CoordinatorDep, JobStoreDep, ServiceDep, TenantDep
+from serve.api.errors import ApiError, error_responses
 from serve.api.job_views import job_object
+from serve.errors import ServingError, public_fields
 
 logger = logging.getLogger("serve.jobs.records")
 
@@ -104,7 +105,7 @@ async def get_job(job_id: str, service: ServiceDep, tenant: TenantDep, job_store
 
 @router.delete("/{job_id}")
 async def cancel_job(
-    job_id: str, service: ServiceDep, tenant: TenantDep, jobs: JobsDep, job_store: JobStoreDep
+    job_id: str, service: ServiceDep, tenant: TenantDep, jobs: CoordinatorDep, job_store: JobStoreDep
 ):
     """Cancel: a queued job never runs; a running one leaves the engine at its next denoising step."""
     await _load(job_store, tenant, job_id)
@@ -134,7 +135,7 @@ async def job_events(
         while time.monotonic() < deadline:
             try:
                 record = await job_store.load(tenant, job_id)
-            except InferenceError as error:  # e.g. storage down: say so generically, log the details
+            except (InferenceError, ServingError) as error:  # storage down: say so generically, log why
                 logger.warning("event stream of job %s stopped: %s", job_id, error)
                 body = {"error": public_fields(error)}
                 yield f"event: error\ndata: {json.dumps(body)}\n\n"

@@ -13,21 +13,29 @@ Extensions: ``model``, ``output_format``, and ``warnings`` in the output when a 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from inference.errors import InferenceError, InvalidInputError
+from inference.errors import (
+    GenerationError,
+    ImageDimensionsError,
+    ImageTooLargeError,
+    InvalidImageError,
+)
+from inference.images import MAX_OUTPUT_SIDE
+from inference.types import MAX_SEED, GenerationParams
 from serve.api.deps import ServiceDep, TenantDep, explicit_choices
-from serve.api.errors import ApiError, error_responses, validation_summary
+from serve.api.errors import ApiError, Dialect, error_responses
 from serve.api.text_policy import NameText, PromptText
-from serve.generation.service import GenerationJob
+from serve.errors import AuthError, PlanLimitError
+from serve.generation.calls import GenerationCall
+
+MAX_BATCH_SIZE = 8  # the spec's batch_size bound
 
 router = APIRouter(prefix="/v1/nodes", tags=["nodes"], responses=error_responses())
-
-MAX_SIDE = 2048
 
 
 class ImageToImageNodeInput(BaseModel):
@@ -46,10 +54,10 @@ class ImageToImageNodeInput(BaseModel):
     image_guidance_scale: float = Field(1.5, gt=0, le=15)
     strength: float = Field(0.8, gt=0, le=1)
     steps: int = Field(20, gt=0, le=50, strict=True)
-    batch_size: int = Field(1, gt=0, le=8, strict=True)
-    seed: int | None = Field(None, ge=0, le=2**63 - 9, strict=True)
-    width: int = Field(0, ge=0, le=MAX_SIDE, strict=True, description="0 = the source image's width")
-    height: int = Field(0, ge=0, le=MAX_SIDE, strict=True, description="0 = the source image's height")
+    batch_size: int = Field(1, gt=0, le=MAX_BATCH_SIZE, strict=True)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED - MAX_BATCH_SIZE, strict=True)
+    width: int = Field(0, ge=0, le=MAX_OUTPUT_SIDE, strict=True, description="0 = the source image's width")
+    height: int = Field(0, ge=0, le=MAX_OUTPUT_SIDE, strict=True, description="0 = the source image's height")
     model: NameText | None = Field(
         None, description="Model id (GET /v1/models); default: the first configured"
     )
@@ -73,63 +81,68 @@ class ImageToImageNodeOutput(BaseModel):
 @router.post("/image_to_image", response_model=ImageToImageNodeOutput, response_model_exclude_none=True)
 async def image_to_image_node(body: ImageToImageNodeInput, service: ServiceDep, tenant: TenantDep):
     """Run the node: returns the URLs of ``batch_size`` generated images."""
-    job = GenerationJob(
-        tenant=tenant,
-        image=body.source_image,
-        image_param="source_image",
+    explicit = explicit_choices(body)
+    params = GenerationParams(
         prompt=body.prompt,
         prompt_2=body.prompt_2,
         negative_prompt=body.negative_prompt,
-        model=body.model,
         strength=body.strength,
         steps=body.steps,
-        guidance_scale=body.guidance_scale,
-        image_guidance_scale=body.image_guidance_scale,
+        # Left out: the model's own (FLUX.1's distilled 3.5, ...), as GET /v1/models says.
+        guidance_scale=body.guidance_scale if "guidance_scale" in body.model_fields_set else None,
+        image_guidance_scale=body.image_guidance_scale
+        if "image_guidance_scale" in body.model_fields_set
+        else None,
         num_images=body.batch_size,
         seed=body.seed,
         width=body.width,
         height=body.height,
-        output_format=body.output_format,
-        explicitly_set=explicit_choices(body),
     )
-    done = await service.run(job)
+    call = GenerationCall(
+        tenant=tenant,
+        image=body.source_image,
+        params=params,
+        model=body.model,
+        output_format=body.output_format,
+        explicitly_set=explicit,
+    )
+    done = await service.run(call)
     return ImageToImageNodeOutput(
         images=[image.url for image in done.images], warnings=list(done.warnings) or None
     )
 
 
-#: Field → the spec's error code for a bad value of that field.
-FIELD_CODES = {
-    "source_image": "source_image_error",
-    "prompt": "empty_prompt",
-    "strength": "invalid_strength",
-    "guidance_scale": "invalid_guidance",
-    "image_guidance_scale": "invalid_guidance",
-    "steps": "invalid_steps",
-    "batch_size": "batch_size_exceeded",
-}
-
 #: Prompt errors that are not "no prompt" (too long, or refused by the text policy): invalid_parameter.
 _TEXT_ERRORS = {"string_too_long", "string_unicode", "text_policy"}
-_IMAGE_CODES = {"invalid_image", "image_too_large", "image_dimensions_too_large", "source_image_error"}
-_INFRA_CODES = {"storage_unavailable", "overloaded", "timeout", "model_unavailable", "canceled"}
 
 
-class NodeDialect:
-    """The node spec's error table."""
+class NodeDialect(Dialect):
+    """The node spec's error table; schema errors on a prompt that is not empty are invalid_parameter."""
 
-    def rename(self, error: InferenceError) -> str:
-        if error.code == "unauthorized":
-            return "invalid_connection"
-        if error.code in _IMAGE_CODES:
-            return "source_image_error"
-        if isinstance(error, InvalidInputError):
-            return FIELD_CODES.get(error.param or "", error.code)
-        return error.code if error.code in _INFRA_CODES else "generation_failed"
-
-    def validation(self, errors: Sequence[dict[str, Any]]) -> ApiError:
-        param, message, details = validation_summary(errors)
-        code = FIELD_CODES.get(param, "invalid_request" if param == "body" else "invalid_parameter")
+    def validation(self, errors: Sequence[Mapping[str, Any]]) -> ApiError:
+        error = super().validation(errors)
         if errors[0].get("type") in _TEXT_ERRORS:
-            code = "invalid_parameter"
-        return ApiError(400, code, message, details, param)
+            error.code = "invalid_parameter"
+        return error
+
+
+DIALECT = NodeDialect(
+    codes={
+        AuthError: "invalid_connection",
+        InvalidImageError: "source_image_error",
+        ImageTooLargeError: "source_image_error",
+        ImageDimensionsError: "source_image_error",
+        PlanLimitError: "batch_size_exceeded",
+        GenerationError: "generation_failed",
+    },
+    params={"image": "source_image", "num_images": "batch_size"},
+    field_codes={
+        "source_image": "source_image_error",
+        "prompt": "empty_prompt",
+        "strength": "invalid_strength",
+        "guidance_scale": "invalid_guidance",
+        "image_guidance_scale": "invalid_guidance",
+        "steps": "invalid_steps",
+        "batch_size": "batch_size_exceeded",
+    },
+)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Form, UploadFile
@@ -33,12 +33,15 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
-from inference.errors import ImageTooLargeError, InferenceError, InvalidInputError
-from inference.images import MAX_IMAGE_HEIGHT, MAX_IMAGE_WIDTH
+from inference.errors import ImageTooLargeError, InvalidInputError
+from inference.images import MAX_OUTPUT_SIDE
+from inference.types import GenerationParams
 from serve.api.deps import ServiceDep, TenantDep, explicit_choices
-from serve.api.errors import ApiError, error_responses, validation_summary
+from serve.api.errors import ApiError, Dialect, error_responses, validation_summary
 from serve.api.text_policy import NameText, PromptText
-from serve.generation.service import CompletedJob, GenerationJob, GenerationService
+from serve.errors import AuthError, PlanLimitError, RateLimitedError
+from serve.generation.calls import CompletedCall, GenerationCall
+from serve.generation.service import GenerationService
 
 
 class OpenAIErrorBody(BaseModel):
@@ -65,11 +68,11 @@ def parse_size(size: str | None) -> tuple[int, int]:
         return 0, 0
     match = _SIZE.fullmatch(size)
     width, height = (int(side) for side in match.groups()) if match else (0, 0)
-    if not (0 < width <= MAX_IMAGE_WIDTH and 0 < height <= MAX_IMAGE_HEIGHT):
+    if not (0 < width <= MAX_OUTPUT_SIDE and 0 < height <= MAX_OUTPUT_SIDE):
         raise PydanticCustomError(
             "invalid_size",
             "size must be 'auto' or 'WxH' with each side 1-{limit} (e.g. '512x512'), got {size}",
-            {"limit": max(MAX_IMAGE_WIDTH, MAX_IMAGE_HEIGHT), "size": repr(size)},
+            {"limit": MAX_OUTPUT_SIDE, "size": repr(size)},
         )
     return width, height
 
@@ -171,7 +174,7 @@ async def _source_data_url(form: ImageEditForm, service: GenerationService) -> s
 
 
 async def _image_data(
-    done: CompletedJob, response_format: str, service: GenerationService
+    done: CompletedCall, response_format: str, service: GenerationService
 ) -> list[ImageData]:
     if response_format == "url":
         return [ImageData(url=image.url) for image in done.images]
@@ -187,41 +190,38 @@ async def create_image_edit(
 ):
     """Edit one image by prompt (image-to-image), the OpenAI way: multipart in, URLs or base64 out."""
     width, height = parse_size(form.size)
-    job = GenerationJob(
-        tenant=tenant,
-        image=await _source_data_url(form, service),
+    explicit = explicit_choices(form)
+    params = GenerationParams(
         prompt=form.prompt,
         negative_prompt=form.negative_prompt,
-        model=form.model or None,
         strength=form.strength,
         steps=form.steps,
-        guidance_scale=form.guidance_scale,
+        guidance_scale=form.guidance_scale if "guidance_scale" in form.model_fields_set else None,
         num_images=form.n,
         seed=form.seed,
         width=width,
         height=height,
-        output_format="png",
-        explicitly_set=explicit_choices(form),
     )
-    done = await service.run(job)
+    call = GenerationCall(
+        tenant=tenant,
+        image=await _source_data_url(form, service),
+        params=params,
+        model=form.model or None,
+        output_format="png",
+        explicitly_set=explicit,
+    )
+    done = await service.run(call)
     return ImagesResponse(
-        created=int(done.job.created_at.timestamp()),
+        created=int(done.call.created_at.timestamp()),
         data=await _image_data(done, form.response_format, service),
         warnings=list(done.warnings) or None,
     )
 
 
-#: Our codes → OpenAI's names for the same thing.
-_CODES = {"unauthorized": "invalid_api_key", "rate_limited": "rate_limit_exceeded"}
-
-
-class OpenAIDialect:
+class OpenAIDialect(Dialect):
     """OpenAI's error envelope: ``{"error": {"message", "type", "param", "code"}}``."""
 
-    def rename(self, error: InferenceError) -> str:
-        return _CODES.get(error.code, error.code)
-
-    def validation(self, errors: Sequence[dict[str, Any]]) -> ApiError:
+    def validation(self, errors: Sequence[Mapping[str, Any]]) -> ApiError:
         param, message, details = validation_summary(errors)
         kind = errors[0].get("type")
         if kind == "extra_forbidden":
@@ -243,3 +243,13 @@ class OpenAIDialect:
             message = f"{message} ({error.details})"
         body = {"message": message, "type": kind, "param": error.param, "code": error.code}
         return JSONResponse({"error": body}, status_code=error.status, headers=error.headers or None)
+
+
+DIALECT = OpenAIDialect(
+    codes={
+        AuthError: "invalid_api_key",
+        RateLimitedError: "rate_limit_exceeded",
+        PlanLimitError: "invalid_value",
+    },
+    params={"num_images": "n"},
+)

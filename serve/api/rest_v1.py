@@ -10,7 +10,6 @@ are refused (a typo like ``stength`` must not silently fall back to a default). 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -18,19 +17,19 @@ from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_serializer, field_validator
 
-from inference.errors import InferenceError
-from serve.api.deps import JobsDep, JobStoreDep, ServiceDep, TenantDep, explicit_choices
-from serve.api.errors import STATUS_BY_CODE, ApiError, error_responses, validation_summary
-from serve.api.job_views import completed_record, job_object, new_record
+from inference.types import GenerationParams
+from serve.api.deps import ServiceDep, SubmissionsDep, TenantDep, explicit_choices
+from serve.api.errors import Dialect, error_responses
+from serve.api.job_views import job_object
 from serve.api.styles import STYLES, resolve_style
 from serve.api.text_policy import NameText, PromptText
-from serve.generation.service import CompletedJob, GenerationJob
-from serve.jobs.records import JobState, fingerprint
+from serve.errors import PlanLimitError
+from serve.generation.calls import CompletedCall, GenerationCall
+from serve.jobs.records import RequestEcho, fingerprint
+from serve.jobs.submission import Durability
 from serve.jobs.webhooks import check_webhook_url
 
 router = APIRouter(prefix="/v1", tags=["image-to-image"], responses=error_responses())
-
-SYNC_WAIT_S = 300.0  # an idempotent synchronous request waits this long, then answers 202
 
 
 class ImageToImageRequest(BaseModel):
@@ -87,53 +86,57 @@ class ImageToImageResponse(BaseModel):
         return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
 
 
-def to_job(body: ImageToImageRequest, tenant: str) -> GenerationJob:
+def to_call(body: ImageToImageRequest, tenant: str) -> GenerationCall:
+    """The REST request as a call: the style applied to the prompts, this spec's defaults already in
+    ``body``. ``guidance_scale`` left out is the model's own (FLUX.1's 3.5), as GET /v1/models says."""
     style = resolve_style(body.style)
     prompt, negative = (
-        style.apply(body.prompt, body.negative_prompt)
-        if style
-        else (
-            body.prompt,
-            body.negative_prompt,
-        )
+        style.apply(body.prompt, body.negative_prompt) if style else (body.prompt, body.negative_prompt)
     )
-    return GenerationJob(
-        tenant=tenant,
-        image=body.image,
+    explicit = explicit_choices(body)
+    params = GenerationParams(
         prompt=prompt,
         negative_prompt=negative,
-        model=body.model,
         strength=body.strength,
         steps=body.steps,
-        guidance_scale=body.guidance_scale,
+        guidance_scale=body.guidance_scale if "guidance_scale" in body.model_fields_set else None,
         num_images=body.num_images,
         seed=body.seed,
+    )
+    return GenerationCall(
+        tenant=tenant,
+        image=body.image,
+        params=params,
+        model=body.model,
         output_format=body.output_format,
-        explicitly_set=explicit_choices(body),
+        explicitly_set=explicit,
     )
 
 
-def to_response(body: ImageToImageRequest, done: CompletedJob) -> ImageToImageResponse:
+def to_echo(body: ImageToImageRequest) -> RequestEcho:
+    """The request as written (the prompt before its style); the guidance is replaced by the value the
+    call ran with once it is known."""
+    return RequestEcho(**body.model_dump(include=set(RequestEcho.model_fields)))
+
+
+def to_response(body: ImageToImageRequest, done: CompletedCall) -> ImageToImageResponse:
     return ImageToImageResponse(
-        id=done.job.job_id,
+        id=done.call.id,
         status="completed",
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
         model=done.model.id,
         strength=body.strength,
         steps=body.steps,
-        guidance_scale=body.guidance_scale,
-        seed=done.seed,
+        guidance_scale=done.params.guidance_scale,
+        seed=done.params.seed,
         style=body.style,
-        created_at=done.job.created_at,
+        created_at=done.call.created_at,
         completed_at=done.completed_at,
         original_image=ImageInfo(**vars(done.source)),
         images=[ImageInfo(**vars(image)) for image in done.images],
         warnings=list(done.warnings),
     )
-
-
-DISPLAY_FIELDS = {"prompt", "negative_prompt", "strength", "steps", "guidance_scale", "style"}
 
 
 @router.post(
@@ -145,49 +148,27 @@ async def image_to_image(
     body: ImageToImageRequest,
     service: ServiceDep,
     tenant: TenantDep,
-    jobs: JobsDep,
-    job_store: JobStoreDep,
+    submissions: SubmissionsDep,
     prefer: Annotated[str | None, Header()] = None,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ):
     """Transform an image. Synchronous by default; asynchronous (202 + Location) with a
     ``webhook_url`` or ``Prefer: respond-async``; idempotent with an ``Idempotency-Key``."""
-    job = to_job(body, tenant)
+    call = to_call(body, tenant)
     webhook_url = str(body.webhook_url) if body.webhook_url is not None else None
     if webhook_url is not None:
         check_webhook_url(webhook_url, service.fetch_policy)
-    respond_async = webhook_url is not None or "respond-async" in (prefer or "").lower()
-    display = body.model_dump(mode="json", include=DISPLAY_FIELDS)
-    if not respond_async and idempotency_key is None:
-        done = await service.run(job)
-        await job_store.save(completed_record(done, display, None))
-        return to_response(body, done)
-
-    idempotency = (idempotency_key, fingerprint(body.model_dump(mode="json"))) if idempotency_key else None
-    # A replay is recognised before its source is fetched, decoded or stored and before it is charged.
-    job_id = await job_store.replayed_job(tenant, *idempotency) if idempotency else None
-    if job_id is None:
-        prepared = await service.store_source(await service.prepare(job))
-        record = new_record(prepared, display, webhook_url)
-        try:
-            job_id = await jobs.accept(record, idempotency, prepared.source)  # decoded once, here
-        except BaseException:
-            await service.release(prepared.job, None)
-            raise
-        if job_id != record.id:  # a concurrent request won the key: undo this one's admission and source
-            await service.release(prepared.job, None)
-            await service.discard_source(prepared)
-    if not respond_async:  # synchronous but idempotent: the coordinator runs it; we wait for the outcome
-        record = await jobs.wait(tenant, job_id, SYNC_WAIT_S)
-        if record.status is JobState.FAILED:
-            error = record.error or {}
-            code = error.get("code", "generation_failed")
-            raise ApiError(STATUS_BY_CODE.get(code, 500), code, error.get("message", "generation failed"))
-    else:
-        record = await job_store.load(tenant, job_id)
-    status = 200 if record.status is JobState.COMPLETED else 202
-    headers = {"Location": f"/v1/image-to-image/{job_id}"}
-    return JSONResponse(await job_object(record, service.store, service.url_expiry_s), status, headers)
+    how = Durability(
+        respond_async=webhook_url is not None or "respond-async" in (prefer or "").lower(),
+        idempotency=(idempotency_key, fingerprint(body.model_dump(mode="json"))) if idempotency_key else None,
+        webhook_url=webhook_url,
+    )
+    submitted = await submissions.submit(call, to_echo(body), how)
+    if submitted.done is not None:
+        return to_response(body, submitted.done)
+    headers = {"Location": f"/v1/image-to-image/{submitted.record.id}"}
+    body_out = await job_object(submitted.record, service.store, service.url_expiry_s)
+    return JSONResponse(body_out, 200 if submitted.finished else 202, headers)
 
 
 @router.get("/styles")
@@ -195,13 +176,9 @@ async def list_styles(_: TenantDep) -> dict[str, Any]:
     return {"styles": [{"name": s.name, "description": s.description} for s in STYLES.values()]}
 
 
-class RestDialect:
-    """The REST spec's error vocabulary: its codes are the package's own."""
-
-    def rename(self, error: InferenceError) -> str:
-        return error.code
-
-    def validation(self, errors: Sequence[dict[str, Any]]) -> ApiError:
-        param, message, details = validation_summary(errors)
-        code = {"image": "invalid_image", "body": "invalid_request"}.get(param, "invalid_parameter")
-        return ApiError(400, code, message, details, param)
+#: The REST spec's codes are the package's own: a fetch failure is an invalid_image, a plan limit on
+#: num_images an invalid_parameter like any other out-of-range num_images.
+DIALECT = Dialect(
+    codes={PlanLimitError: "invalid_parameter"},
+    schema_codes={"image": "invalid_image"},
+)

@@ -1,5 +1,5 @@
-"""Ray-side plumbing shared by the ingress and the job coordinator: handles to model replicas and to
-the coordinator, and construction of the generation service from validated args and secrets.
+"""Ray-side plumbing shared by the ingress and the job coordinator: clients over the handles to model
+replicas and to the coordination deployments (governor, job coordinator).
 
 Ray-specific failures are translated here into the package's error classes, so the API layer maps
 them to HTTP without knowing Ray.
@@ -16,16 +16,20 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from inference.errors import GenerationError, InferenceError
-from inference.images import ImageLimits, SourceImage
 from inference.types import GenerationRequest, GenerationResult, Progress
-from serve.config import AppArgs, ModelDeployment, Secrets, build_store
+from serve.config import ModelDeployment
 from serve.deployments.warmup_status import describe, warming_replicas
-from serve.errors import GenerationTimeoutError, ModelUnavailableError, OverloadedError
-from serve.generation.service import GenerationService, ProgressCallback
-from serve.jobs.records import JobRecord
-from serve.outbound.fetch import FetchPolicy
+from serve.errors import (
+    Failure,
+    GenerationTimeoutError,
+    ModelUnavailableError,
+    OverloadedError,
+    ServingError,
+)
+from serve.generation.service import Admission, ProgressCallback
+from serve.jobs.submission import Coordinator
 
-logger = logging.getLogger("serve.deployments.handles")
+logger = logging.getLogger(__name__)
 
 
 class RayModelBackend:
@@ -127,95 +131,43 @@ def _current_app_name() -> str:
         return ""
 
 
-def unwrap(error: RayTaskError, what: str) -> InferenceError:
+def unwrap(error: RayTaskError, what: str) -> Failure:
     """The package error a remote call raised, or a GenerationError describing a crash."""
     cause = getattr(error, "cause", None)
-    if isinstance(cause, InferenceError):
+    if isinstance(cause, InferenceError | ServingError):
         return cause
     return GenerationError(what, details=str(cause or error)[:500])
 
 
-class _Remote:
-    """Calls to a single-replica coordination deployment, with Ray failures in the package's terms."""
+class RemoteDeployment:
+    """Calls to a coordination deployment (governor, job coordinator) by method name, with Ray's
+    failures in the package's terms: its own errors come back as they were raised, and an unreachable
+    deployment is ``unavailable`` (the governor's fails closed with 503: without it nobody's limits can
+    be enforced). Any method of the deployment's class can be called: ``await remote.admit(...)``."""
 
-    name = "deployment"
-    unavailable = ModelUnavailableError
+    def __init__(self, handle: DeploymentHandle, name: str, unavailable: type[ServingError]) -> None:
+        self._handle, self._name, self._unavailable = handle, name, unavailable
 
-    def __init__(self, handle: DeploymentHandle) -> None:
-        self._handle = handle
+    def __getattr__(self, method: str):
+        if method.startswith("_"):
+            raise AttributeError(method)
 
-    async def _call(self, method: str, *args):
-        try:
-            return await getattr(self._handle, method).remote(*args)
-        except RayTaskError as error:
-            raise unwrap(error, f"the {self.name} failed") from None
-        except (RayActorError, DeploymentUnavailableError, BackPressureError) as error:
-            raise self.unavailable(
-                f"the {self.name} is unavailable; retry shortly", details=str(error)[:300]
-            ) from None
+        async def call(*args):
+            try:
+                return await getattr(self._handle, method).remote(*args)
+            except RayTaskError as error:
+                raise unwrap(error, f"the {self._name} failed") from None
+            except (RayActorError, DeploymentUnavailableError, BackPressureError) as error:
+                raise self._unavailable(
+                    f"the {self._name} is unavailable; retry shortly", details=str(error)[:300]
+                ) from None
 
-
-class RayJobs(_Remote):
-    """The job coordinator deployment behind the same methods as an in-process ``JobRunner``."""
-
-    name = "job coordinator"
-
-    async def accept(
-        self,
-        record: JobRecord,
-        idempotency: tuple[str, str] | None = None,
-        source: SourceImage | None = None,
-    ) -> str:
-        return await self._call("accept", record, idempotency, source)  # the decoded source: decode once
-
-    async def cancel(self, tenant: str, job_id: str) -> JobRecord:
-        return await self._call("cancel", tenant, job_id)
-
-    async def wait(self, tenant: str, job_id: str, timeout_s: float) -> JobRecord | None:
-        return await self._call("wait", tenant, job_id, timeout_s)
+        return call
 
 
-def build_service(
-    parsed: AppArgs,
-    secrets: Secrets,
-    model_handles: dict[str, DeploymentHandle],
-    governor: DeploymentHandle | None = None,
-    tenant_lookup=None,
-    store=None,
-) -> GenerationService:
-    """The generation service of one process (ingress or coordinator), wired to Ray handles."""
-    service = GenerationService(
-        registry=parsed.registry(),
-        backend=RayModelBackend(model_handles, parsed.models, parsed.request_timeout_s),
-        store=store or build_store(parsed, secrets),
-        fetch_policy=FetchPolicy(
-            allow_networks=parsed.fetch.allow_networks,
-            total_timeout_s=parsed.fetch.timeout_s,
-            allow_plain_http_webhooks=parsed.webhooks.allow_plain_http,
-        ),
-        image_limits=ImageLimits(),
-        url_expiry_s=parsed.storage.url_expiry_s,
-        admission=RayGovernor(governor) if governor is not None else None,
-    )
-    if tenant_lookup is not None:
-        service.tenant_lookup = tenant_lookup
-    return service
+def governor_client(handle: DeploymentHandle) -> Admission:
+    return RemoteDeployment(handle, "tenant governor", OverloadedError)
 
 
-class RayGovernor(_Remote):
-    """``Admission`` over the tenant governor deployment: limits that hold across ingress replicas.
-
-    It fails closed (503): without the governor nobody's limits can be enforced.
-    """
-
-    name = "tenant governor"
-    unavailable = OverloadedError
-
-    async def admit(self, tenant: str, request_id: str, images: int, limits) -> None:
-        await self._call("admit", tenant, request_id, images, limits)
-
-    async def release(self, tenant: str, request_id: str, usage: dict[str, float] | None) -> None:
-        await self._call("release", tenant, request_id, usage)
-
-    async def usage(self, tenant: str, start, end) -> dict[str, float]:
-        return await self._call("usage", tenant, start, end)
+def coordinator_client(handle: DeploymentHandle) -> Coordinator:
+    return RemoteDeployment(handle, "job coordinator", ModelUnavailableError)

@@ -8,20 +8,19 @@ stores outputs and answers readiness.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from inference.errors import InferenceError
 from serve.api.app import create_app
-from serve.config import AppArgs, Secrets, build_store, configured_tenants
-from serve.deployments.handles import RayGovernor, RayJobs, build_service
-from serve.jobs.records import JobStore
+from serve.config import AppArgs, Secrets
+from serve.deployments.handles import RayModelBackend, coordinator_client, governor_client
+from serve.errors import ServingError
 from serve.observability.metrics import IngressMetrics
-from serve.tenancy.tenants import TenantCatalog, TenantStore
+from serve.wiring import wire
 
-logger = logging.getLogger("serve.deployments.ingress")
+logger = logging.getLogger(__name__)
 
 
 @serve.ingress()
@@ -35,30 +34,25 @@ class Ingress:
 
     def __init__(
         self,
-        args: dict[str, Any],
+        args: AppArgs,
         model_handles: dict[str, DeploymentHandle],
         coordinator: DeploymentHandle,
         governor: DeploymentHandle,
     ) -> None:
-        parsed = AppArgs.model_validate(args)
-        secrets = Secrets()
-        store = build_store(parsed, secrets)
-        self._tenants = TenantCatalog(configured_tenants(parsed, secrets), TenantStore(store))
-        self._service = build_service(parsed, secrets, model_handles, governor, self._tenants.lookup, store)
-        self._jobs = RayJobs(coordinator)
-        self._governor = RayGovernor(governor)
-        self._bucket_ready = getattr(self._service.store, "ensure_bucket", None)
-        self._cors = parsed.cors
-        logger.info(
-            "ingress ready: models %s, storage %s", ", ".join(parsed.registry().ids), parsed.storage.kind
-        )
+        backend = RayModelBackend(model_handles, args.models, args.request_timeout_s)
+        self._governor = governor_client(governor)
+        self._wired = wire(args, Secrets(), backend, self._governor)
+        self._jobs = coordinator_client(coordinator)
+        self._bucket_ready = getattr(self._wired.store, "ensure_bucket", None)
+        self._cors = args.cors
+        logger.info("ingress ready: models %s, storage %s", ", ".join(args.registry().ids), args.storage.kind)
 
     def __serve_build_asgi_app__(self):
         app = create_app(cors=self._cors)
-        app.state.service = self._service
+        app.state.service = self._wired.service
         app.state.jobs = self._jobs
-        app.state.job_store = JobStore(self._service.store)
-        app.state.tenants = self._tenants
+        app.state.job_store = self._wired.records
+        app.state.tenants = self._wired.tenants
         app.state.usage = self._governor
         app.state.metrics = IngressMetrics()
         return app
@@ -67,12 +61,12 @@ class Ingress:
         """Every few seconds: re-read tenants (revoked keys stop working) and create the bucket once S3
         answers (storage may start after us). Storage trouble never fails the replica."""
         try:
-            await self._tenants.refresh()
-        except InferenceError as error:
+            await self._wired.tenants.refresh()
+        except (InferenceError, ServingError) as error:
             logger.warning("could not refresh tenants: %s", error)
         if self._bucket_ready is not None:
             try:
                 await self._bucket_ready()
                 self._bucket_ready = None
-            except InferenceError as error:
+            except (InferenceError, ServingError) as error:
                 logger.warning("output bucket not ready yet: %s", error)

@@ -28,12 +28,13 @@ class ModelWorker:
     def __init__(
         self,
         spec: dict[str, Any],
-        engine: dict[str, Any],
         torch_threads: int | None = None,
         optimize: dict[str, Any] | None = None,
     ) -> None:
         """Load, optimise and warm up before returning: Serve routes nothing to a replica whose
-        constructor has not finished, so no request ever waits for a compile."""
+        constructor has not finished, so no request ever waits for a compile. The engine knobs arrive
+        once, as Serve's ``user_config``: Serve calls ``reconfigure`` right after this constructor,
+        before the replica takes a request, and again on every change."""
         import torch  # only model replicas load torch; the ingress never does
 
         from inference.engine import EngineConfig, StepBatchingEngine
@@ -50,9 +51,7 @@ class ModelWorker:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         pipe = load_pipeline(self.spec, device)
         applied = apply_optimize_config(pipe, optimize_config)
-        self._engine = StepBatchingEngine(
-            pipe, self.spec.family, EngineConfig(**engine), optimize=optimize_config
-        )
+        self._engine = StepBatchingEngine(pipe, self.spec.family, EngineConfig(), optimize=optimize_config)
         self._warmed = self._warm_up(optimize_config)
         logger.info("model %s optimisations: %s; %d shapes warmed", self.spec.id, applied, self._warmed)
         self._metrics = WorkerMetrics(self.spec.id)

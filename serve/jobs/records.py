@@ -17,19 +17,15 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from inference.errors import InvalidInputError
+from serve.errors import Failure, IdempotencyConflictError, public_fields, status_for
+from serve.generation.calls import CompletedCall, GenerationCall, PreparedCall, StoredImage
 from serve.storage.objects import ObjectNotFoundError, ObjectStore
-
-
-class IdempotencyConflictError(InvalidInputError):
-    """The Idempotency-Key was used before with a different request body (HTTP 409)."""
-
-    code = "idempotency_conflict"
 
 
 class JobState(enum.StrEnum):
@@ -62,6 +58,35 @@ class WebhookState(BaseModel):
     attempts: list[dict[str, Any]] = Field(default_factory=list)
 
 
+class RequestEcho(BaseModel):
+    """The request as the caller wrote it, for the job object: the prompt before a style was applied,
+    the style's name, and the values the call ran with."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    strength: float
+    steps: int
+    guidance_scale: float
+    style: str | None = None
+
+
+class JobError(BaseModel):
+    """Why a job failed, safe to show its owner (a server fault's text is a stable sentence), and the
+    HTTP status the failure had, for a caller that waited for the job (an idempotent synchronous call)."""
+
+    code: str
+    message: str
+    details: str | None = None
+    status: int = 500
+
+    @classmethod
+    def of(cls, error: Failure) -> JobError:
+        return cls(**public_fields(error), status=status_for(error))
+
+    def public(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"status"})
+
+
 class JobRecord(BaseModel):
     """Everything needed to answer GET in any state, and to resume the job in another process."""
 
@@ -72,8 +97,8 @@ class JobRecord(BaseModel):
     updated_at: datetime
     started_at: datetime | None = None
     completed_at: datetime | None = None
-    job: dict[str, Any]  # GenerationJob fields, without the inline image payload
-    display: dict[str, Any]  # the request as the caller wrote it (prompt before style, style, ...)
+    call: GenerationCall  # with every choice resolved; an inline image payload is stored, not kept here
+    echo: RequestEcho
     model: str
     seed: int
     source: StoredOutput
@@ -82,7 +107,7 @@ class JobRecord(BaseModel):
     steps_total: int = 0
     images: list[StoredOutput] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
-    error: dict[str, Any] | None = None
+    error: JobError | None = None
     webhook: WebhookState | None = None
     run_attempts: int = 0
     cancel_requested: bool = False
@@ -90,6 +115,66 @@ class JobRecord(BaseModel):
     def touch(self) -> JobRecord:
         self.updated_at = datetime.now(UTC)
         return self
+
+
+#: What a record keeps of an inline (data URL) source: the bytes are in the store under ``source_key``.
+STORED_SOURCE = "data:stored"
+
+
+def _recordable(call: GenerationCall) -> GenerationCall:
+    return call if call.source_is_url else replace(call, image=STORED_SOURCE)
+
+
+def _output(image: StoredImage) -> StoredOutput:
+    """Stored outputs by key (URLs are signed on read); an echoed external URL as itself."""
+    if image.key is None:
+        return StoredOutput(url=image.url, width=image.width, height=image.height)
+    return StoredOutput(key=image.key, width=image.width, height=image.height)
+
+
+def new_record(prepared: PreparedCall, echo: RequestEcho, webhook_url: str | None) -> JobRecord:
+    """A queued record for a durable job (its source already stored)."""
+    call, now = prepared.call, datetime.now(UTC)
+    source = prepared.source
+    return JobRecord(
+        id=call.id,
+        tenant=call.tenant,
+        created_at=call.created_at,
+        updated_at=now,
+        call=_recordable(call),
+        echo=echo,
+        model=prepared.model.id,
+        seed=call.params.seed,
+        source=(
+            StoredOutput(url=call.image.strip(), width=source.width, height=source.height)
+            if call.source_is_url
+            else StoredOutput(key=prepared.source_key, width=source.width, height=source.height)
+        ),
+        source_key=prepared.source_key,
+        webhook=WebhookState(url=webhook_url) if webhook_url else None,
+    )
+
+
+def completed_record(done: CompletedCall, echo: RequestEcho) -> JobRecord:
+    """The record of a call that ran synchronously, so GET /v1/image-to-image/{id} finds it too."""
+    call = done.call
+    return JobRecord(
+        id=call.id,
+        tenant=call.tenant,
+        status=JobState.COMPLETED,
+        created_at=call.created_at,
+        updated_at=done.completed_at,
+        started_at=call.created_at,
+        completed_at=done.completed_at,
+        call=_recordable(call),
+        echo=echo,
+        model=done.model.id,
+        seed=call.params.seed,
+        source=_output(done.source),
+        source_key=done.source.key or "",
+        images=[_output(image) for image in done.images],
+        warnings=list(done.warnings),
+    )
 
 
 def fingerprint(body: dict[str, Any]) -> str:

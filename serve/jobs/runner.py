@@ -13,62 +13,40 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from inference.errors import GenerationError, InferenceError, InvalidInputError
+from inference.errors import InferenceError
 from inference.images import SourceImage
 from inference.types import Progress
-from serve.api.errors import public_fields
-from serve.generation.service import CompletedJob, GenerationJob, GenerationService
-from serve.jobs.records import (
-    IdempotencyConflictError,  # noqa: F401 (re-exported from its former home)
-    JobRecord,
-    JobState,
-    JobStore,
-    StoredOutput,
-)
+from serve.errors import NotFoundError, ServingError, StorageUnavailableError
+from serve.generation.calls import CompletedCall
+from serve.generation.service import GenerationService
+from serve.jobs.records import JobError, JobRecord, JobState, JobStore, StoredOutput
 from serve.jobs.webhooks import NO_SECRET, WebhookPolicy, deliver, webhook_payload, webhook_secret_for
 from serve.outbound.fetch import FetchPolicy
 from serve.tenancy.tenants import Tenant
 
-logger = logging.getLogger("serve.jobs.records")
+logger = logging.getLogger(__name__)
 
-#: Errors after which a job is tried again (the replica died or was unavailable), up to MAX_RUNS runs.
-RETRYABLE_CODES = {"model_unavailable", "overloaded", "storage_unavailable"}
+#: The client-facing object of a job (the REST API's job view), as webhooks deliver it: the API layer
+#: hands its renderer in, so the jobs core never imports an API module.
+RenderJob = Callable[[JobRecord], Awaitable[dict[str, Any]]]
+
+#: A job is run again after a ``transient`` error (``serve.errors``), up to MAX_RUNS runs in all.
 MAX_RUNS = 3
 REPLICA_WAIT_S = 120.0  # how long a retry waits for the model (or the store) to answer again
 STORAGE_OUTAGE_RETRIES = 10  # storage failing the record itself: wait and start the job over this often
 PROGRESS_SAVE_INTERVAL_S = 1.0
 
 
-class JobNotFoundError(InvalidInputError):
-    code = "not_found"
-
-
-def job_fields(job: GenerationJob) -> dict[str, Any]:
-    """The GenerationJob as JSON-able fields, without the (possibly 13 MB) inline image payload."""
-    data = {f.name: getattr(job, f.name) for f in fields(job)}
-    if str(data["image"]).lower().startswith("data:"):
-        data["image"] = "data:stored"
-    data["explicitly_set"] = sorted(job.explicitly_set)
-    data["created_at"] = job.created_at.isoformat()
-    return data
-
-
-def job_from_fields(data: dict[str, Any]) -> GenerationJob:
-    values = dict(data)
-    values["explicitly_set"] = frozenset(values["explicitly_set"])
-    values["created_at"] = datetime.fromisoformat(values["created_at"])
-    return GenerationJob(**values)
-
-
 @dataclass
 class JobRunner:
     service: GenerationService
     jobs: JobStore
+    render: RenderJob  # the job object a webhook delivers (the same one GET returns)
     webhook_secret: bytes | None = field(default=None, repr=False)  # server key (IMG2IMG_WEBHOOK_SECRET)
     webhook_shared_secret: bool = False  # webhooks.shared_secret: sign with the server key itself
     webhook_policy: WebhookPolicy = field(default_factory=WebhookPolicy)
@@ -113,7 +91,7 @@ class JobRunner:
         """Queued jobs never run; a running one leaves the engine at its next step."""
         record = await self.jobs.load(tenant, job_id)
         if record is None:
-            raise JobNotFoundError(f"no job {job_id}", param="id")
+            raise NotFoundError(f"no job {job_id}", param="id")
         if record.status.terminal:
             return record
         record.cancel_requested = True
@@ -122,8 +100,10 @@ class JobRunner:
         if task is not None:
             task.cancel()
             await asyncio.wait({task}, timeout=10)
-        else:  # not running here (e.g. waiting for resume): settle it now
-            await self._finish(record, JobState.CANCELED)
+        settled = await self.jobs.load(tenant, job_id)
+        # Not running here, or canceled before its task ever started (so nothing in it settled the job).
+        if not settled.status.terminal and (task is None or task.done()):
+            await self._finish(settled, JobState.CANCELED)
         return await self.jobs.load(tenant, job_id)
 
     async def wait(self, tenant: str, job_id: str, timeout_s: float) -> JobRecord | None:
@@ -170,9 +150,7 @@ class JobRunner:
                 try:
                     await self._run_once(tenant, job_id)
                     return
-                except InferenceError as error:
-                    if error.code != "storage_unavailable":
-                        raise
+                except StorageUnavailableError as error:
                     logger.warning("job %s: storage unavailable (%s); waiting for it", job_id, error)
                     await self._storage_back(REPLICA_WAIT_S)
             logger.error("job %s: storage stayed down; the job stays pending and resumes on restart", job_id)
@@ -194,20 +172,16 @@ class JobRunner:
         except asyncio.CancelledError:
             if record is not None:
                 await self._finish(record, JobState.CANCELED)
-        except InferenceError as error:
-            if error.code == "storage_unavailable":
-                raise
-            logger.exception("job %s crashed", job_id)
-            record.error = {"code": "internal_error", "message": "internal error while running the job"}
-            await self._finish(record, JobState.FAILED)
+        except StorageUnavailableError:
+            raise
         except Exception:  # a bug must still leave the job in a final state
             logger.exception("job %s crashed", job_id)
-            record.error = {"code": "internal_error", "message": "internal error while running the job"}
+            record.error = JobError(code="internal_error", message="internal error while running the job")
             await self._finish(record, JobState.FAILED)
 
     async def _execute(self, record: JobRecord) -> None:
         prepared = await self.service.restore(
-            job_from_fields(record.job), record.source_key, self._sources.pop(record.id, None)
+            record.call, record.source_key, self._sources.pop(record.id, None)
         )
         last_save = 0.0
 
@@ -224,10 +198,10 @@ class JobRunner:
             await self.jobs.save(record)
             try:
                 done = await self.service.execute(prepared, on_progress)
-            except InferenceError as error:
-                if error.code in RETRYABLE_CODES and record.run_attempts < MAX_RUNS:
+            except (InferenceError, ServingError) as error:
+                if getattr(error, "transient", False) and record.run_attempts < MAX_RUNS:
                     logger.warning("job %s: %s; trying again once it recovers", record.id, error.code)
-                    if error.code == "storage_unavailable":
+                    if isinstance(error, StorageUnavailableError):
                         await self._storage_back(REPLICA_WAIT_S)
                     else:
                         await self._model_ready(prepared.model.id, REPLICA_WAIT_S)
@@ -235,7 +209,7 @@ class JobRunner:
                 # The job object is client-facing (GET, SSE, webhooks): its error is the public one;
                 # what really happened is logged here, once.
                 logger.warning("job %s failed: %s: %s", record.id, error.code, error)
-                record.error = public_fields(error)
+                record.error = JobError.of(error)
                 await self._finish(record, JobState.FAILED)
                 return
             record.images = [StoredOutput(key=i.key, width=i.width, height=i.height) for i in done.images]
@@ -252,7 +226,7 @@ class JobRunner:
             try:
                 await self.service.store.check()
                 return
-            except InferenceError as error:
+            except ServingError as error:
                 logger.debug("storage still unavailable: %s", error)
 
     async def _model_ready(self, model_id: str, timeout_s: float) -> None:
@@ -266,12 +240,12 @@ class JobRunner:
             except Exception as error:
                 logger.debug("readiness check failed: %s", error)
 
-    async def _finish(self, record: JobRecord, state: JobState, done: CompletedJob | None = None) -> None:
+    async def _finish(self, record: JobRecord, state: JobState, done: CompletedCall | None = None) -> None:
         record.status = state
         record.completed_at = datetime.now(UTC)
         await self.jobs.save(record)
         try:  # free the tenant's slot and meter the job, whatever its end
-            await self.service.release(job_from_fields(record.job), done)
+            await self.service.release(record.call, done)
         except Exception as error:
             logger.warning("job %s: could not release its admission: %s", record.id, error)
         if record.webhook is not None and record.webhook.status == "pending":
@@ -290,11 +264,7 @@ class JobRunner:
             record.webhook.status = "failed"
             await self.jobs.save(record)
             return
-        from serve.api.job_views import job_object  # the same object GET returns
-
-        payload = webhook_payload(
-            await job_object(record, self.service.store, self.service.url_expiry_s), record.tenant
-        )
+        payload = webhook_payload(await self.render(record), record.tenant)
 
         async def on_attempt(attempt) -> None:
             record.webhook.attempts.append(attempt.as_dict())
@@ -310,7 +280,7 @@ class JobRunner:
                 on_attempt,
                 event_id=record.id,
             )
-        except GenerationError:
+        except (InferenceError, ServingError):
             logger.exception("webhook for job %s could not be delivered", record.id)
         record.webhook.status = "delivered" if record.webhook.delivered else "failed"
         if not record.webhook.delivered:

@@ -37,7 +37,7 @@ import httpcore
 import httpx
 import idna
 
-from inference.errors import ImageTooLargeError, InvalidInputError
+from inference.errors import ImageTooLargeError, InvalidImageError
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +97,10 @@ _SPECIAL: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...] 
 )
 
 
-class SourceFetchError(InvalidInputError):
+class SourceFetchError(InvalidImageError):
     """The source image URL is forbidden, unreachable or answered with an error (the caller's fault)."""
 
-    code = "source_image_error"
+    code = "invalid_image"  # the node API renames it source_image_error (serve.api.node.DIALECT)
 
     def __init__(self, message: str, *, param: str | None = "image", **kwargs: Any) -> None:
         super().__init__(message, param=param, **kwargs)

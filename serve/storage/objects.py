@@ -26,19 +26,13 @@ import urllib3
 from minio import Minio
 from minio.error import MinioException, S3Error
 
-from inference.errors import GenerationError
+from serve.errors import StorageUnavailableError
 
 MAX_URL_EXPIRY_S = 7 * 24 * 3600  # SigV4 presigned URLs cannot live longer than a week
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _EXTENSION = re.compile(r"[a-z0-9]{1,8}")
 _JOB_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}
-
-
-class StorageUnavailableError(GenerationError):
-    """The object store could not be reached or refused us: a server-side fault (HTTP 503)."""
-
-    code = "storage_unavailable"
 
 
 class ConcurrentWriteError(Exception):

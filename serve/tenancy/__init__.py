@@ -1,1 +1,1 @@
-"""Who may call and how much: tenants, API keys, plan limits, usage metering and the admin CLI."""
+"""Who may call and how much: tenants, API keys, plan limits and usage metering."""

@@ -19,23 +19,13 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from inference.errors import InvalidInputError
+from serve.errors import RateLimitedError
 from serve.storage.objects import ObjectNotFoundError, ObjectStore
 
 logger = logging.getLogger("serve.tenancy.governor")
 
 USAGE_FIELDS = ("requests", "images", "steps", "compute_seconds")
 IN_FLIGHT_TTL_S = 3600.0  # a request never released (its caller crashed) stops counting after this
-
-
-class RateLimitedError(InvalidInputError):
-    """The tenant is over its rate or concurrency limit (HTTP 429 with Retry-After)."""
-
-    code = "rate_limited"
-
-    def __init__(self, message: str, *, retry_after_s: float, **kwargs) -> None:
-        super().__init__(message, **kwargs)
-        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,6 @@ from __future__ import annotations
 
 import hashlib
 
-from inference.errors import InvalidInputError
-
-
-class AuthError(InvalidInputError):
-    """Missing, malformed or unknown API key (HTTP 401)."""
-
-    code = "unauthorized"
-
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()

@@ -27,14 +27,14 @@ from collections.abc import Callable, Iterable, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from serve.errors import AuthError, StorageUnavailableError
 from serve.storage.objects import (
     ConcurrentWriteError,
     ObjectNotFoundError,
     ObjectStore,
-    StorageUnavailableError,
     object_key,
 )
-from serve.tenancy.keys import AuthError, hash_key
+from serve.tenancy.keys import hash_key
 
 TENANTS_PREFIX = "_tenants/"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

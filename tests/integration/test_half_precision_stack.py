@@ -37,6 +37,7 @@ import pytest
 from PIL import Image
 
 from tests.integration.conftest import _stack_args, side_app, side_client, wait_for
+from tests.support.engine_requests import engine_request
 
 #: (family value, dtype) of every model this module serves over HTTP; the unit test of shipped
 #: configs requires each family production ships to be served here in one of its shipped dtypes.
@@ -159,7 +160,6 @@ def oracle(tiny_model_dirs):
 
     from inference.models import Family, ModelSpec
     from inference.pipelines import load_pipeline, run_stock
-    from inference.types import GenerationRequest
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the model replicas share the cores
@@ -172,7 +172,7 @@ def oracle(tiny_model_dirs):
     source = Image.open(io.BytesIO(SOURCE)).convert("RGB")
 
     def expected(served: Served, body: dict, image_index: int = 0) -> np.ndarray:
-        request = GenerationRequest(
+        request = engine_request(
             request_id="oracle",
             model=served.model,
             prompt=body["prompt"],
@@ -181,7 +181,7 @@ def oracle(tiny_model_dirs):
             strength=body.get("strength", 0.7),
             steps=body["steps"],
             guidance_scale=body["guidance_scale"],
-            image_guidance_scale=1.5,  # the REST API's (serve.generation.service.GenerationJob) default
+            image_guidance_scale=1.5,  # the model default a REST call gets (REST has no such field)
             num_images=image_index + 1,
         )
         return np.asarray(run_stock(pipes[served.family], served.family, request, image_index), np.int16)

@@ -13,11 +13,11 @@ from urllib.parse import urlsplit
 import pytest
 from PIL import Image
 
+from serve.errors import StorageUnavailableError
 from serve.storage.objects import (
     ConcurrentWriteError,
     ObjectNotFoundError,
     S3ObjectStore,
-    StorageUnavailableError,
     new_job_id,
     object_key,
 )

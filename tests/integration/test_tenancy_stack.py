@@ -75,7 +75,7 @@ def test_admin_cli_keys_take_effect_on_the_running_stack(client, stack, tmp_path
     """img2img-admin writes tenants to the same S3 store; ingress replicas pick them up within seconds."""
     import yaml
 
-    from serve.tenancy import admin
+    from serve import admin
 
     config = tmp_path / "serve_config.yaml"
     args = {"models": [{"spec": {"id": "tiny-sd", "family": "sd", "source": "unused"}}]}

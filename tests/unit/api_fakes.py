@@ -19,10 +19,12 @@ from fastapi import FastAPI
 from PIL import Image
 
 from inference.models import ModelRegistry
-from inference.types import GenerationRequest, GenerationResult, Progress
+from inference.types import GenerationParams, GenerationRequest, GenerationResult, Progress
 from serve.api.app import create_app
+from serve.api.job_views import job_renderer
+from serve.generation.calls import GenerationCall
 from serve.generation.service import GenerationService
-from serve.jobs.records import JobStore
+from serve.jobs.records import JobStore, RequestEcho
 from serve.jobs.runner import JobRunner
 from serve.jobs.webhooks import WebhookPolicy
 from serve.outbound.fetch import FetchPolicy
@@ -93,6 +95,16 @@ class FakeBackend:
         return self.calls[-1][0]
 
 
+def rest_call(image: str, prompt: str = "p", seed: int | None = None, tenant: str = TENANT) -> GenerationCall:
+    """A call as the REST route builds one (its spec's strength and steps), for tests of the layers
+    below the routes."""
+    params = GenerationParams(prompt=prompt, strength=0.7, steps=30, seed=seed)
+    return GenerationCall(tenant=tenant, image=image, params=params)
+
+
+#: The request as written, for records made by tests.
+TEST_ECHO = RequestEcho(prompt="p", strength=0.7, steps=30, guidance_scale=7.5)
+
 WEBHOOK_SECRET = b"webhook-secret-for-tests"
 URL_SIGNING_KEY = b"0123456789abcdef0123"
 
@@ -117,6 +129,7 @@ def build_app(tmp_path: Path, backend: FakeBackend | None = None, **app_options:
     app.state.jobs = JobRunner(
         app.state.service,
         app.state.job_store,
+        job_renderer(app.state.service.store, app.state.service.url_expiry_s),
         webhook_secret=WEBHOOK_SECRET,
         webhook_policy=WebhookPolicy(max_attempts=3, first_delay_s=0.05, timeout_s=2),
         fetch_policy=FetchPolicy(allow_networks=("127.0.0.1/32",)),

@@ -7,8 +7,8 @@ import base64
 import pytest
 
 from inference.errors import GenerationError
+from serve.errors import StorageUnavailableError
 from serve.outbound.fetch import SourceFetchError
-from serve.storage.objects import StorageUnavailableError
 from tests.unit.api_fakes import (
     MODEL_IDS,
     assert_error,

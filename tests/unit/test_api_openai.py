@@ -9,7 +9,7 @@ import pytest
 
 from inference.errors import GenerationError
 from inference.images import ImageLimits
-from serve.storage.objects import StorageUnavailableError
+from serve.errors import StorageUnavailableError
 from tests.unit.api_fakes import AUTH, MODEL_IDS, decode, download, image_bytes, seed_colour
 
 URL = "/v1/images/edits"

@@ -8,11 +8,16 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from inference.errors import GenerationError, ImageTooLargeError
+from inference.errors import GenerationError, ImageTooLargeError, RequestCancelledError
 from serve.api.styles import STYLES
+from serve.errors import (
+    GenerationTimeoutError,
+    ModelUnavailableError,
+    OverloadedError,
+    StorageUnavailableError,
+)
 from serve.jobs import runner as job_runner
 from serve.outbound.fetch import SourceFetchError
-from serve.storage.objects import StorageUnavailableError
 from tests.unit.api_fakes import (
     AUTH,
     MODEL_IDS,
@@ -360,7 +365,7 @@ def test_oversized_dimensions_are_400(client, backend):
 def test_unreachable_source_url_is_400(client, backend, fake_fetch):
     fake_fetch.error = SourceFetchError("source image URL answered HTTP 404 Not Found")
     response = post(client, body(image="https://example.com/missing.jpg"))
-    assert_error(response, 400, "source_image_error", param="image", mentions=["404"])
+    assert_error(response, 400, "invalid_image", param="image", mentions=["404"])
     assert backend.calls == []
 
 
@@ -419,12 +424,20 @@ def test_generation_failure_is_500(client, backend):
 
 
 @pytest.mark.parametrize(
-    ("code", "status"),
-    [("overloaded", 503), ("model_unavailable", 503), ("timeout", 504), ("canceled", 409)],
+    ("error", "code", "status"),
+    [
+        (OverloadedError, "overloaded", 503),
+        (ModelUnavailableError, "model_unavailable", 503),
+        (GenerationTimeoutError, "timeout", 504),
+        (RequestCancelledError, "canceled", 409),
+    ],
 )
-def test_serving_failures_keep_their_status(client, backend, code, status):
-    backend.error = GenerationError(f"backend said {code}", code=code)
-    assert_error(post(client, body()), status, code)
+def test_serving_failures_keep_their_status(client, backend, error, code, status):
+    backend.error = error("backend said no")
+    response = post(client, body())
+    assert_error(response, status, code)
+    retry = {"overloaded": "2", "model_unavailable": "10"}.get(code)
+    assert response.headers.get("retry-after") == retry  # from the class, not from a table of codes
 
 
 def test_storage_failure_is_503(client, app, monkeypatch):

@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from serve.api.styles import STYLES
-from serve.storage.objects import StorageUnavailableError
+from serve.errors import StorageUnavailableError
 from tests.unit.api_fakes import AUTH, MODEL_IDS, assert_error, data_url
 
 REST = "/v1/image-to-image"
@@ -82,7 +82,7 @@ def test_models_listing(client):
     assert [m["id"] for m in models] == MODEL_IDS
     assert [m["family"] for m in models] == ["sd", "sdxl", "instruct-pix2pix"]
     for model in models:
-        assert set(model["defaults"]) == {"steps", "guidance_scale", "strength", "image_guidance_scale"}
+        assert set(model["defaults"]) == {"guidance_scale", "image_guidance_scale"}  # what a model applies
         assert model["honoured_parameters"] == sorted(model["honoured_parameters"])
         assert "source" not in model  # where weights live is not the caller's business
     honoured = {m["id"]: set(m["honoured_parameters"]) for m in models}

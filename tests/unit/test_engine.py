@@ -17,6 +17,7 @@ from inference.errors import GenerationError, InvalidInputError, RequestCancelle
 from inference.models import Family
 from inference.pipelines import load_pipeline, run_stock
 from inference.types import GenerationRequest
+from tests.support.engine_requests import engine_request
 
 #: Max |difference| in [0, 1] pixel scale for batched (non-exact) outputs. Measured: ≤ 4e-6, the
 #: same size as diffusers' own batching of identical requests; the bound leaves room for other BLAS.
@@ -55,7 +56,7 @@ def _source(size: int = 64, seed: int = 0) -> Image.Image:
 def _requests(family: Family, size: int = 64) -> list[GenerationRequest]:
     source = _source(size)
     return [
-        GenerationRequest(
+        engine_request(
             request_id=f"{family.value}-{i}",
             model=MODEL_IDS[family],
             prompt=f"prompt number {i}",
@@ -210,7 +211,7 @@ def test_progress_counts_unet_steps_with_diffusers_strength_truncation(pipes):
     engine = StepBatchingEngine(pipes[Family.SD], Family.SD)
     source = _source()
     # int(50 * 0.29) == 14 in Python float arithmetic; diffusers runs 14 steps, not round(14.5).
-    request = GenerationRequest("trunc", "tiny-sd", "p", source, seed=1, strength=0.29, steps=50)
+    request = engine_request("trunc", "tiny-sd", "p", source, seed=1, strength=0.29, steps=50)
     engine.submit(request)
     engine.step()
     assert engine.progress("trunc").steps_total == int(50 * 0.29) == 14
@@ -221,9 +222,7 @@ def test_progress_counts_unet_steps_with_diffusers_strength_truncation(pipes):
 
 def test_strength_below_one_step_runs_one_step_with_a_warning(pipes):
     engine = StepBatchingEngine(pipes[Family.SD], Family.SD)
-    engine.submit(
-        GenerationRequest("tiny-strength", "tiny-sd", "p", _source(), seed=1, strength=0.01, steps=20)
-    )
+    engine.submit(engine_request("tiny-strength", "tiny-sd", "p", _source(), seed=1, strength=0.01, steps=20))
     (outcome,) = engine.run_until_idle()
     assert outcome.result.unet_steps == 1
     assert outcome.result.warnings
@@ -292,15 +291,15 @@ def test_a_request_that_fails_admission_fails_alone(pipes, monkeypatch):
 def test_size_not_a_multiple_of_8_is_refused_at_submit(pipes):
     engine = StepBatchingEngine(pipes[Family.SD], Family.SD)
     with pytest.raises(InvalidInputError):
-        engine.submit(GenerationRequest("odd", "tiny-sd", "p", _source(60), seed=1))
+        engine.submit(engine_request("odd", "tiny-sd", "p", _source(60), seed=1))
 
 
 def test_buckets_by_latent_size_and_row_area_cap(pipes):
     area_64 = (64 // 8) ** 2
     # Room for 2 two-row samples of 64x64 per call, whatever max_batch_samples says.
     engine = StepBatchingEngine(pipes[Family.SD], Family.SD, EngineConfig(max_batch_row_area=4 * area_64))
-    small = [GenerationRequest(f"s{i}", "tiny-sd", "p", _source(64, i), seed=i, steps=10) for i in range(3)]
-    large = [GenerationRequest(f"l{i}", "tiny-sd", "p", _source(96, i), seed=i, steps=10) for i in range(2)]
+    small = [engine_request(f"s{i}", "tiny-sd", "p", _source(64, i), seed=i, steps=10) for i in range(3)]
+    large = [engine_request(f"l{i}", "tiny-sd", "p", _source(96, i), seed=i, steps=10) for i in range(2)]
     for request in small + large:
         engine.submit(request)
     seen = {}
@@ -331,10 +330,10 @@ def test_fair_admission_lets_a_quiet_tenant_in_before_a_noisy_backlog(pipes):
     )
     for i in range(6):
         engine.submit(
-            GenerationRequest(f"noisy-{i}", "tiny-sd", "p", _source(), seed=i, steps=4, tenant="noisy")
+            engine_request(f"noisy-{i}", "tiny-sd", "p", _source(), seed=i, steps=4, tenant="noisy")
         )
     engine.step()
-    engine.submit(GenerationRequest("quiet", "tiny-sd", "p", _source(), seed=9, steps=4, tenant="quiet"))
+    engine.submit(engine_request("quiet", "tiny-sd", "p", _source(), seed=9, steps=4, tenant="quiet"))
     finished = [o.request_id for o in engine.run_until_idle()]
     assert finished.index("quiet") < finished.index("noisy-3")
 
@@ -342,7 +341,7 @@ def test_fair_admission_lets_a_quiet_tenant_in_before_a_noisy_backlog(pipes):
 def test_reconfigure_changes_the_cap_for_later_admissions(pipes):
     engine = StepBatchingEngine(pipes[Family.SD], Family.SD, EngineConfig(max_batch_samples=1))
     for i in range(4):
-        engine.submit(GenerationRequest(f"r{i}", "tiny-sd", "p", _source(), seed=i, steps=10))
+        engine.submit(engine_request(f"r{i}", "tiny-sd", "p", _source(), seed=i, steps=10))
     assert engine.step()[1].samples == 1
     engine.reconfigure(EngineConfig(max_batch_samples=4))
     assert engine.step()[1].samples == 4
@@ -350,7 +349,7 @@ def test_reconfigure_changes_the_cap_for_later_admissions(pipes):
 
 def test_duplicate_request_id_in_flight_is_refused(pipes):
     engine = StepBatchingEngine(pipes[Family.SD], Family.SD)
-    request = GenerationRequest("dup", "tiny-sd", "p", _source(), seed=1, steps=4)
+    request = engine_request("dup", "tiny-sd", "p", _source(), seed=1, steps=4)
     engine.submit(request)
     engine.submit(request)
     outcomes = engine.run_until_idle()
@@ -361,13 +360,13 @@ def _quiet_latencies(engine: StepBatchingEngine, noisy: int, quiet_every: int) -
     """Steps from submission to completion of a quiet tenant's requests during a flood from another."""
     source = _source()
     for i in range(noisy):
-        engine.submit(GenerationRequest(f"n{i}", "tiny-sd", "p", source, seed=i, steps=10, tenant="noisy"))
+        engine.submit(engine_request(f"n{i}", "tiny-sd", "p", source, seed=i, steps=10, tenant="noisy"))
     submitted, latencies, step = {}, [], 0
     while engine.has_work:
         if step % quiet_every == 0 and len(submitted) < 4:
             request_id = f"q{len(submitted)}"
             engine.submit(
-                GenerationRequest(request_id, "tiny-sd", "p", source, seed=99, steps=10, tenant="quiet")
+                engine_request(request_id, "tiny-sd", "p", source, seed=99, steps=10, tenant="quiet")
             )
             submitted[request_id] = step
         outcomes, _ = engine.step()

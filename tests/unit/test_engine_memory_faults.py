@@ -12,7 +12,7 @@ from inference.errors import GenerationError
 from inference.memory import BucketCaps, is_out_of_memory
 from inference.models import Family
 from inference.pipelines import load_pipeline
-from inference.types import GenerationRequest
+from tests.support.engine_requests import engine_request
 from tests.unit.test_engine import FAST_TOLERANCE, _requests, _run_staggered, _source
 
 
@@ -64,8 +64,8 @@ def test_an_oom_splits_the_batch_and_every_request_still_matches(pipe, monkeypat
 def test_a_request_that_does_not_fit_even_alone_fails_alone(pipe, monkeypatch):
     _oom_above(pipe, monkeypatch, max_rows=64, never_fits_side=96 // 8)
     engine = StepBatchingEngine(pipe, Family.SD, EngineConfig(max_batch_samples=8))
-    small = [GenerationRequest(f"s{i}", "tiny-sd", "p", _source(64, i), seed=i, steps=6) for i in range(3)]
-    huge = GenerationRequest("huge", "tiny-sd", "p", _source(96), seed=1, steps=6)
+    small = [engine_request(f"s{i}", "tiny-sd", "p", _source(64, i), seed=i, steps=6) for i in range(3)]
+    huge = engine_request("huge", "tiny-sd", "p", _source(96), seed=1, steps=6)
     for request in [*small, huge]:
         engine.submit(request)
     by_id = {o.request_id: o for o in engine.run_until_idle()}
@@ -88,7 +88,7 @@ def test_an_oom_in_vae_decode_splits_the_decode(pipe, monkeypatch):
     monkeypatch.setattr(pipe.vae, "decode", decode)
     engine = StepBatchingEngine(pipe, Family.SD, EngineConfig(max_batch_samples=8))
     for i in range(3):
-        engine.submit(GenerationRequest(f"d{i}", "tiny-sd", "p", _source(), seed=i, steps=4))
+        engine.submit(engine_request(f"d{i}", "tiny-sd", "p", _source(), seed=i, steps=4))
     outcomes = engine.run_until_idle()
     assert all(o.error is None for o in outcomes) and len(outcomes) == 3
     assert decoded == [1, 1, 1]

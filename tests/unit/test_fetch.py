@@ -61,7 +61,7 @@ async def test_png_downloads_from_allowlisted_loopback(server):
 async def test_loopback_refused_without_allowlist_before_connecting(server, no_network):
     with pytest.raises(SourceFetchError, match=r"loopback.*forbidden") as info:
         await fetch_image(f"{server}/png", policy(allow_networks=()))
-    assert info.value.code == "source_image_error" and info.value.param == "image"
+    assert info.value.code == "invalid_image" and info.value.param == "image"
 
 
 async def test_param_can_be_overridden(no_network):

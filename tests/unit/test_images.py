@@ -22,7 +22,6 @@ from inference.images import (
     decode_data_url,
     encode_image,
     file_extension,
-    load_source_data_url,
     load_source_image,
     output_size,
     prepare_source,
@@ -70,7 +69,7 @@ def test_accepted_formats_decode_to_rgb(fmt):
 def test_data_url_content_is_sniffed_not_declared(mime):
     data = encode(noise(), "JPEG")
     assert decode_data_url(data_url(data, mime)) == data
-    assert load_source_data_url(data_url(data, mime)).format == "jpeg"
+    assert load_source_image(decode_data_url(data_url(data, mime), ImageLimits().max_bytes)).format == "jpeg"
 
 
 def test_data_url_tolerates_line_breaks_and_missing_padding():
@@ -186,7 +185,7 @@ def test_huge_data_url_is_refused_from_its_length_without_decoding(megabytes, mo
     text = "data:image/png;base64," + "A" * int(megabytes * 1024 * 1024 * 4 / 3)
     started = time.perf_counter()
     with pytest.raises(ImageTooLargeError) as info:
-        load_source_data_url(text)
+        load_source_image(decode_data_url(text, ImageLimits().max_bytes))
     assert info.value.code == "image_too_large"
     assert time.perf_counter() - started < 1.0
 

@@ -9,24 +9,24 @@ import json
 import pytest
 
 from inference.errors import GenerationError
-from serve.api.job_views import new_record
-from serve.generation.service import GenerationJob
-from serve.jobs.records import JobState
+from serve.errors import StorageUnavailableError
+from serve.jobs.records import JobState, new_record
 from serve.jobs.runner import JobRunner
 from serve.jobs.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, derive_webhook_secret, verify
 from serve.outbound.fetch import FetchPolicy
-from serve.storage.objects import StorageUnavailableError
 from serve.tenancy.tenants import TenantDirectory
 from tests.unit.api_fakes import (
     API_KEY,
     AUTH,
     TENANT,
+    TEST_ECHO,
     WEBHOOK_SECRET,
     WebhookReceiver,
     assert_error,
     data_url,
     decode,
     download,
+    rest_call,
 )
 
 URL = "/v1/image-to-image"
@@ -51,10 +51,8 @@ def submit(client, headers=ASYNC, **overrides):
 
 async def _queued_record(service, prompt: str):
     """A job accepted the way the REST route accepts one, as a queued record (not yet saved)."""
-    job = GenerationJob(tenant=TENANT, image=data_url(64, 48), prompt=prompt)
-    prepared = await service.store_source(await service.prepare(job))
-    display = {"prompt": prompt, "strength": 0.8, "steps": 20, "guidance_scale": 7.5}
-    return new_record(prepared, display, None)
+    prepared = await service.store_source(await service.prepare(rest_call(data_url(64, 48), prompt)))
+    return new_record(prepared, TEST_ECHO.model_copy(update={"prompt": prompt}), None)
 
 
 @pytest.fixture
@@ -224,7 +222,7 @@ def test_unfinished_jobs_are_resumed_by_a_new_runner(client, app, backend):
         return record.id
 
     job_id = client.portal.call(crashed_job)
-    fresh = JobRunner(service, app.state.job_store, webhook_secret=WEBHOOK_SECRET)
+    fresh = JobRunner(service, app.state.job_store, app.state.jobs.render, webhook_secret=WEBHOOK_SECRET)
     assert client.portal.call(fresh.resume) == 1
     client.portal.call(fresh.drain)
     assert client.get(f"{URL}/{job_id}", headers=AUTH).json()["status"] == "completed"

@@ -12,6 +12,7 @@ from inference.models import Family
 from inference.optimize import optimize_pipeline
 from inference.pipelines import load_pipeline, run_stock
 from inference.types import GenerationRequest
+from tests.support.engine_requests import engine_request
 
 TOLERANCE = 1e-4  # the engine's fast-mode contract (tests/unit/test_engine.py)
 
@@ -21,7 +22,7 @@ def _requests() -> list[GenerationRequest]:
     image = Image.fromarray(pixels)
     mix = [(0.5, 8, 7.5), (0.8, 6, 3.0), (1.0, 5, 1.0)]  # the last one has no guidance: one row
     return [
-        GenerationRequest(
+        engine_request(
             request_id=f"opt-{i}",
             model="tiny-sd",
             prompt=f"prompt number {i}",

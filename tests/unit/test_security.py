@@ -22,13 +22,13 @@ from pydantic import ValidationError
 
 from inference.errors import GenerationError
 from serve.config import AppArgs, Secrets
+from serve.errors import AuthError
 from serve.jobs import webhooks
 from serve.jobs.runner import JobRunner
 from serve.middleware.cors import CorsPolicy
 from serve.observability.log_redaction import REDACTED, redact
 from serve.outbound.fetch import FetchPolicy
 from serve.storage.objects import LocalObjectStore
-from serve.tenancy.keys import AuthError
 from serve.tenancy.tenants import Tenant, TenantDirectory
 from tests.unit.api_fakes import (
     API_KEY,
@@ -137,7 +137,7 @@ def test_config_reprs_never_show_secrets(monkeypatch, tmp_path):
     monkeypatch.setenv("IMG2IMG_API_KEYS", '{"sk-acme-4e5f6a7b8c9d": "acme"}')
     secrets = Secrets()
     tenant = Tenant(name="acme", webhook_secret="tenant-webhook-secret-77aa")
-    runner = JobRunner(service=None, jobs=None, webhook_secret=b"runner-webhook-secret-88bb")
+    runner = JobRunner(service=None, jobs=None, render=None, webhook_secret=b"runner-webhook-secret-88bb")
     shown = " ".join(f"{item!r} {item!s}" for item in (secrets, tenant, runner))
     for secret in (*_ENV_SECRETS.values(), "sk-acme-4e5f6a7b8c9d", "tenant-webhook", "runner-webhook"):
         assert secret not in shown

@@ -27,7 +27,6 @@ from inference.images import (
     load_source_image,
 )
 from serve.generation import service as generation
-from serve.generation.service import GenerationJob
 from serve.storage.objects import object_key
 from serve.tenancy.keys import hash_key
 from serve.tenancy.tenants import Tenant, TenantStore
@@ -39,7 +38,7 @@ from tests.support.image_samples import (
     png_chunk_flood,
     repeat_last_scan,
 )
-from tests.unit.api_fakes import AUTH, TENANT, assert_error, data_url
+from tests.unit.api_fakes import AUTH, TENANT, assert_error, data_url, rest_call
 
 SCAN_BOMB = jpeg_scan_bomb()
 IMAGE_CODE = {"rest": "invalid_image", "node": "source_image_error", "openai": "invalid_image"}
@@ -259,9 +258,8 @@ def test_finding1_a_resumed_job_decodes_its_stored_source_under_the_same_limits(
     service = app.state.service
 
     async def restored():
-        job = GenerationJob(tenant=TENANT, image=data_url(64, 48), prompt="p")
-        prepared = await service.store_source(await service.prepare(job))
-        return await service.restore(prepared.job, prepared.source_key)
+        prepared = await service.store_source(await service.prepare(rest_call(data_url(64, 48))))
+        return await service.restore(prepared.call, prepared.source_key)
 
     prepared = client.portal.call(restored)
     assert decodes == ["ingress", "stored"]
@@ -270,8 +268,8 @@ def test_finding1_a_resumed_job_decodes_its_stored_source_under_the_same_limits(
 
 def test_finding1_a_stored_scan_bomb_is_refused_on_restore_too(app, client):
     async def restore():
-        job = GenerationJob(tenant=TENANT, image="data:stored", prompt="p")
-        key = object_key(TENANT, job.job_id, "source", "jpg", now=job.created_at)
+        job = rest_call("data:stored")
+        key = object_key(TENANT, job.id, "source", "jpg", now=job.created_at)
         await app.state.service.store.put(key, SCAN_BOMB, "image/jpeg")
         await app.state.service.restore(job, key)
 

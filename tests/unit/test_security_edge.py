@@ -22,25 +22,23 @@ from fastapi.testclient import TestClient
 
 from inference.errors import GenerationError
 from serve.api import jobs as jobs_api
-from serve.errors import ModelUnavailableError
-from serve.generation.service import GenerationJob
-from serve.storage.objects import StorageUnavailableError
+from serve.errors import ModelUnavailableError, StorageUnavailableError
 from serve.tenancy.governor import TenantGovernor
 from tests.unit.api_fakes import (
     AUTH,
     BASE_URL,
-    TENANT,
+    TEST_ECHO,
     assert_error,
     build_app,
     data_url,
     image_bytes,
+    rest_call,
 )
 
 REST = "/v1/image-to-image"
 NODE = "/v1/nodes/image_to_image"
 EDITS = "/v1/images/edits"
 ASYNC = {**AUTH, "Prefer": "respond-async"}
-DISPLAY = {"prompt": "p", "strength": 0.8, "steps": 20, "guidance_scale": 7.5}
 
 #: Internal names a failure's own text carries, which no client may see.
 ENDPOINT, BUCKET, OBJECT_KEY = (
@@ -255,18 +253,18 @@ def test_a_racing_duplicate_leaves_no_orphaned_source(client, app):
     """Two first requests with one key race past the ingress check: the coordinator keeps the first,
     the loser's stored source is deleted."""
     service, runner = app.state.service, app.state.jobs
-    from serve.api.job_views import new_record
+    from serve.jobs.records import new_record
 
     async def race():
         records = []
         for _ in range(2):
-            job = GenerationJob(tenant=TENANT, image=data_url(64, 48), prompt="p", seed=1)
+            job = rest_call(data_url(64, 48), seed=1)
             prepared = await service.store_source(await service.prepare(job))
-            records.append((prepared, new_record(prepared, DISPLAY, None)))
+            records.append((prepared, new_record(prepared, TEST_ECHO, None)))
         winner = await runner.accept(records[0][1], ("race", "fp"))
         loser = await runner.accept(records[1][1], ("race", "fp"))
         assert winner == loser == records[0][1].id
-        await service.release(records[1][0].job, None)
+        await service.release(records[1][0].call, None)
         await service.discard_source(records[1][0])
         await runner.drain()
 
@@ -414,12 +412,12 @@ async def test_event_streams_are_capped_per_tenant_with_a_429_and_a_closed_one_f
     app = build_app(tmp_path)
     app.state.event_streams_per_tenant = 2
     service = app.state.service
-    from serve.api.job_views import new_record
+    from serve.jobs.records import new_record
 
-    job = GenerationJob(tenant=TENANT, image=data_url(64, 48), prompt="p", seed=1)
+    job = rest_call(data_url(64, 48), seed=1)
     prepared = await service.store_source(await service.prepare(job))
-    await app.state.job_store.save(new_record(prepared, DISPLAY, None))  # queued, never runs
-    path = f"{REST}/{job.job_id}/events"
+    await app.state.job_store.save(new_record(prepared, TEST_ECHO, None))  # queued, never runs
+    path = f"{REST}/{job.id}/events"
     first = await _open_stream(app, path, AUTH)
     second = await _open_stream(app, path, AUTH)
     assert first[0] == second[0] == 200

@@ -25,11 +25,14 @@ import pytest
 from pydantic import ValidationError
 
 from serve.config import AppArgs, Secrets
-from serve.deployments.handles import build_service
 from serve.outbound import fetch
 from serve.outbound.fetch import FetchPolicy
+from serve.wiring import wire
 from tests.support.hostile_http import HostileHandler, gzip_bomb, hostile_server, https_redirecting_client
 from tests.unit.api_fakes import AUTH, assert_error, data_url
+
+#: A refused or failed source fetch, per API: REST says invalid_image, the node spec source_image_error.
+FETCH_CODE = {"image": "invalid_image", "source_image": "source_image_error"}
 
 URL = "/v1/image-to-image"
 NODE_URL = "/v1/nodes/image_to_image"
@@ -134,7 +137,7 @@ def test_a_source_image_answering_with_a_gzip_bomb_is_a_400_unread(
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert_error(response, 400, "source_image_error", param=param, mentions=["Content-Encoding"])
+    assert_error(response, 400, FETCH_CODE[param], param=param, mentions=["Content-Encoding"])
     assert HostileHandler.requests[-1][2].get("Accept-Encoding") == "identity"
     assert peak < 16 * 1024 * 1024, f"peak traced memory {peak / 2**20:.1f} MiB"
     assert not backend.calls
@@ -154,7 +157,7 @@ IDNA_URLS = [
 @pytest.mark.parametrize(
     ("send", "param", "code"),
     [
-        (rest, "image", "source_image_error"),
+        (rest, "image", "invalid_image"),
         (node, "source_image", "source_image_error"),
         (webhook, "webhook_url", "invalid_webhook_url"),
     ],
@@ -167,7 +170,7 @@ def test_an_invalid_idna_host_is_a_400_in_each_api(client, backend, no_connectio
 @pytest.mark.parametrize(("send", "param"), [(rest, "image"), (node, "source_image")])
 def test_a_redirect_to_an_invalid_idna_host_is_a_400(client, backend, lab, hostile, send, param):
     response = send(client, f"{hostile}/redirect?to=http://xn--n3h.com/a.png")
-    assert_error(response, 400, "source_image_error", param=param, mentions=["internationalised domain name"])
+    assert_error(response, 400, FETCH_CODE[param], param=param, mentions=["internationalised domain name"])
     assert not backend.calls
 
 
@@ -179,7 +182,7 @@ def test_a_webhook_receiver_redirecting_to_an_invalid_idna_host_is_a_failed_atte
 
 def test_a_valid_idna_host_is_looked_up_like_any_name(client, backend, fake_dns):
     # münchen.example is valid IDNA: it is resolved (here: does not exist) and refused as not public.
-    error = assert_error(rest(client, "http://xn--mnchen-3ya.example/a.png"), 400, "source_image_error")
+    error = assert_error(rest(client, "http://xn--mnchen-3ya.example/a.png"), 400, "invalid_image")
     assert "does not resolve to public internet addresses" in error["message"], error
 
 
@@ -192,7 +195,7 @@ def test_a_redirect_from_https_to_http_is_refused(client, backend, lab, hostile,
         fetch, "pinned_client", https_redirecting_client(fetch.pinned_client, f"{hostile}/png")
     )
     response = send(client, "https://images.example/a.png")
-    assert_error(response, 400, "source_image_error", param=param, mentions=["from https to plain http"])
+    assert_error(response, 400, FETCH_CODE[param], param=param, mentions=["from https to plain http"])
     assert not HostileHandler.requests  # the plain-http target was never contacted
     assert not backend.calls
 
@@ -228,11 +231,16 @@ def test_a_webhook_redirect_is_never_followed(client, lab, hostile):
     assert [p for _, p, _ in HostileHandler.requests if p.startswith("/status")] == []
 
 
-def test_the_plain_http_webhook_policy_is_an_app_setting_with_a_teaching_error():
-    minimal = {"models": [{"spec": {"id": "m", "family": "sd", "source": "org/m"}}]}
+def test_the_plain_http_webhook_policy_is_an_app_setting_with_a_teaching_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMG2IMG_URL_SIGNING_KEY", "signing-key-for-tests")
+    monkeypatch.setenv("IMG2IMG_DEV_API_KEY", "sk-dev-key-for-the-wiring-test-4f9a")
+    minimal = {
+        "models": [{"spec": {"id": "m", "family": "sd", "source": "org/m"}}],
+        "storage": {"local_root": str(tmp_path)},
+    }
     assert AppArgs.model_validate(minimal).webhooks.allow_plain_http is False
     parsed = AppArgs.model_validate(minimal | {"webhooks": {"allow_plain_http": True}})
-    service = build_service(parsed, Secrets(), {}, store=object())  # what ingress and coordinator use
+    service = wire(parsed, Secrets(), backend=None).service  # how ingress and coordinator are built
     assert service.fetch_policy.allow_plain_http_webhooks is True
     with pytest.raises(ValidationError, match=r"webhooks\.allow_plain_http"):
         AppArgs.model_validate(minimal | {"webhooks": {"allow_plain_http": "sometimes"}})
@@ -245,7 +253,7 @@ def test_an_internal_name_and_a_missing_name_get_the_same_refusal(client, backen
     caplog.set_level(logging.WARNING, "serve.outbound.fetch")
     answers = []
     for host in ("db.internal", "missing.internal"):
-        error = assert_error(rest(client, f"http://{host}/a.png"), 400, "source_image_error", param="image")
+        error = assert_error(rest(client, f"http://{host}/a.png"), 400, "invalid_image", param="image")
         answers.append(error["message"].replace(host, "HOST"))
         assert "10.20.30.40" not in str(error) and "private" not in str(error), error
     assert answers[0] == answers[1], answers

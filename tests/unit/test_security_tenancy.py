@@ -15,6 +15,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from serve import admin
 from serve.config import AppArgs, Secrets, WebhookArgs, check_api_key, key_strength_bits
 from serve.jobs.webhooks import (
     SIGNATURE_HEADER,
@@ -26,7 +27,6 @@ from serve.jobs.webhooks import (
 )
 from serve.outbound.fetch import FetchPolicy
 from serve.storage.objects import ConcurrentWriteError, LocalObjectStore, object_key
-from serve.tenancy import admin
 from serve.tenancy.keys import hash_key
 from serve.tenancy.tenants import Tenant, TenantCatalog, TenantDirectory, TenantStore, check_tenant_name
 from tests.unit.api_fakes import (
@@ -377,7 +377,8 @@ def test_the_ingress_health_check_survives_a_malformed_record(tmp_path):
     store = LocalObjectStore(tmp_path, "http://x", URL_SIGNING_KEY)
     asyncio.run(store.put("_tenants/bad.json", b'{"name": 1}', "application/json"))
     catalog = TenantCatalog(TenantDirectory([]), TenantStore(store))
-    replica = type("Replica", (), {"_tenants": catalog, "_bucket_ready": None})()
+    wired = type("Wired", (), {"tenants": catalog})()
+    replica = type("Replica", (), {"_wired": wired, "_bucket_ready": None})()
     check = Ingress.check_health
     asyncio.run(check(replica))  # no exception: Serve would otherwise mark the replica unhealthy
     assert list(catalog.skipped) == ["_tenants/bad.json"]

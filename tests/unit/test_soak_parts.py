@@ -111,16 +111,12 @@ def test_all_growth_keeps_each_process_apart_largest_first():
 def test_process_labels():
     title = ["ray::ServeReplica:img2img:Ingress" + " " * 40]
     assert process_label(title, "python") == "ServeReplica:img2img:Ingress"
-    assert (
-        process_label(title, "x", "SERVE_REPLICA::img2img#Ingress#dvl99v0z")
-        == "ServeReplica:img2img:Ingress#dvl99v0z"
-    )
     busy = ["ray::ServeReplica:img2img:model-tiny-sd.initialize_and_get_metadata"]
     assert process_label(busy, "x") == "ServeReplica:img2img:model-tiny-sd"
     assert (
         process_label(["ray::ServeReplica:img2img:model-sd-1.5"], "x") == "ServeReplica:img2img:model-sd-1.5"
     )
-    assert process_label(["ray::ServeController"], "x", "SERVE_CONTROLLER_ACTOR") == "ServeController"
+    assert process_label(["ray::ServeController"], "x") == "ServeController"
     assert (
         process_label(["/venv/bin/python", "-u", "/venv/ray/_private/monitor.py", "--x"], "python")
         == "monitor.py"

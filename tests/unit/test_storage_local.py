@@ -10,10 +10,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
+from serve.errors import StorageUnavailableError
 from serve.storage.objects import (
     LocalObjectStore,
     ObjectNotFoundError,
-    StorageUnavailableError,
     content_type_for,
     new_job_id,
     object_key,

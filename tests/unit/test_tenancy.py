@@ -9,11 +9,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import yaml
 
-from serve.tenancy import admin
-from serve.tenancy.governor import Limits, RateLimitedError, TenantGovernor
+from serve import admin
+from serve.errors import RateLimitedError
+from serve.tenancy.governor import Limits, TenantGovernor
 from serve.tenancy.keys import hash_key
 from serve.tenancy.tenants import Tenant, TenantCatalog, TenantDirectory, TenantStore
-from tests.unit.api_fakes import assert_error, data_url
+from tests.unit.api_fakes import assert_error, data_url, image_bytes
 
 URL = "/v1/image-to-image"
 KEY = "sk-acme-test-key-0001"
@@ -77,8 +78,29 @@ def test_plan_limits_models_and_images_per_request(client, acme):
     acme(allowed_models=["sdxl-test"], max_images_per_request=2)
     assert_error(client.post(URL, json=body(), headers=HEADERS), 403, "model_not_allowed", param="model")
     response = client.post(URL, json=body(model="sdxl-test", num_images=3), headers=HEADERS)
-    assert_error(response, 400, "invalid_request", param="num_images")
+    assert_error(response, 400, "invalid_parameter", param="num_images")
     assert client.post(URL, json=body(model="sdxl-test", num_images=2), headers=HEADERS).status_code == 200
+
+
+def test_a_plan_limit_names_each_apis_own_field_in_its_own_codes(client, backend, acme):
+    """The same refusal (3 images, the plan allows 2) in REST's, the node spec's and OpenAI's words."""
+    acme(max_images_per_request=2)
+    rest = client.post(URL, json=body(num_images=3), headers=HEADERS)
+    assert_error(rest, 400, "invalid_parameter", param="num_images", mentions=["at most 2"])
+    node_body = {"source_image": data_url(64, 48), "prompt": "a tram", "negative_prompt": "", "batch_size": 3}
+    node = client.post("/v1/nodes/image_to_image", json=node_body, headers=HEADERS)
+    assert_error(node, 400, "batch_size_exceeded", param="batch_size", mentions=["at most 2"])
+    openai = client.post(
+        "/v1/images/edits",
+        data={"prompt": "a tram", "n": "3"},
+        files={"image": ("a.png", image_bytes(), "image/png")},
+        headers=HEADERS,
+    )
+    assert openai.status_code == 400, openai.text
+    error = openai.json()["error"]
+    assert (error["param"], error["code"], error["type"]) == ("n", "invalid_value", "invalid_request_error")
+    assert "num_images" not in openai.text and "num_images" not in node.text
+    assert backend.calls == []
 
 
 def test_usage_is_metered_per_tenant(client, acme):

@@ -24,7 +24,7 @@ from inference.text_policy import (
     check_request_text,
     text_problem,
 )
-from inference.types import GenerationRequest
+from tests.support.engine_requests import engine_request
 from tests.unit.api_fakes import AUTH, assert_error, data_url, image_bytes
 
 SOURCE = data_url(64, 48)
@@ -120,7 +120,7 @@ def test_finding4_the_engine_refuses_what_the_edge_would_have():
     engine = StepBatchingEngine.__new__(StepBatchingEngine)  # submit checks text before any state
 
     def request(**text):
-        return GenerationRequest("r", "m", image=Image.new("RGB", (8, 8)), seed=0, **{"prompt": "p", **text})
+        return engine_request("r", "m", image=Image.new("RGB", (8, 8)), seed=0, **{"prompt": "p", **text})
 
     for text in ({"prompt": ONE_MB}, {"negative_prompt": "\ud800"}, {"prompt_2": "a\x00"}):
         with pytest.raises(InvalidInputError) as refused:

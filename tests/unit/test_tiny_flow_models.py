@@ -18,6 +18,7 @@ from inference.tiny import (
     save_tiny_model,
 )
 from inference.types import GenerationRequest
+from tests.support.engine_requests import engine_request
 
 FLOW = [Family.FLUX, Family.SD3]
 DTYPES = ["float32", "float16", "bfloat16"]
@@ -35,7 +36,7 @@ def _image(size: int = 64) -> Image.Image:
 def _request(family: Family, **kw) -> GenerationRequest:
     kw.setdefault("steps", 4)
     kw.setdefault("guidance_scale", 3.5 if family is Family.FLUX else 5.0)
-    return GenerationRequest(
+    return engine_request(
         request_id="r", model=TINY_MODEL_IDS[family], prompt="a photo of a cat", image=_image(), seed=5, **kw
     )
 

@@ -21,6 +21,7 @@ from inference.tiny import (
     tiny_model_specs,
 )
 from inference.types import GenerationRequest
+from tests.support.engine_requests import engine_request
 
 FAMILIES = list(Family)
 
@@ -39,7 +40,7 @@ def _image(size: int = 64, seed: int = 0) -> Image.Image:
 
 def _request(family: Family, seed: int = 1, size: int = 64, **kw) -> GenerationRequest:
     kw.setdefault("steps", 4)
-    return GenerationRequest(
+    return engine_request(
         request_id="r",
         model=TINY_MODEL_IDS[family],
         prompt="a cat on the mat",
@@ -68,7 +69,7 @@ def test_specs_are_valid_smoke_entries(tiny_registry, tiny_model_dirs):
         assert spec.smoke and "noise" in spec.description
         assert spec.source == str(tiny_model_dirs[spec.family])
         flow = spec.family in (Family.FLUX, Family.SD3)
-        assert spec.default_steps == 20 and spec.scheduler == ("flow_match_euler" if flow else "ddim")
+        assert spec.scheduler == ("flow_match_euler" if flow else "ddim")
         assert "noise" in (tiny_model_dirs[spec.family] / README_NAME).read_text().lower()
 
 
