@@ -51,16 +51,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import copy
-import io
 import json
 import os
 import random
 import re
 import secrets
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -73,6 +70,11 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+# The black-box load tests' helpers (loadtests never imports us; we may import it).
+from loadtests._shared import percentile  # noqa: E402
+from loadtests.soak_client import source_images  # noqa: E402
+from loadtests.stack import free_ports, wait_until  # noqa: E402
 
 APP_NAME = "img2img"
 STRENGTHS = (0.3, 0.5, 0.75, 1.0)
@@ -152,37 +154,6 @@ class PhaseResult:
             unet_calls_per_s=self.unet_calls_per_s,
         )
         return data
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def source_images(size: int, count: int = 4, seed: int = 0) -> list[str]:
-    """A few random-noise PNG data URLs of ``size``×``size`` (noise: PNG cannot shrink it to nothing)."""
-    from PIL import Image
-
-    rng = random.Random(seed)
-    urls = []
-    for _ in range(count):
-        image = Image.frombytes("RGB", (size, size), rng.randbytes(size * size * 3))
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        urls.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
-    return urls
 
 
 def denoise_steps(body: dict[str, Any]) -> int:
@@ -363,19 +334,6 @@ def measure(
 # --- the stack -------------------------------------------------------------------------------------
 
 
-def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            value = condition()
-        except Exception:  # not up yet
-            value = None
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise TimeoutError(f"{what} not reached within {timeout_s:.0f} s")
-
-
 class LocalStack:
     """Ray + Serve + the app on loopback, with the engine cap switchable by re-running ``serve.run``."""
 
@@ -385,8 +343,7 @@ class LocalStack:
         ``start``); without it outputs go to local storage in a temporary folder."""
         self.args = args
         self.storage = storage
-        self.http_port = free_port()
-        self.metrics_port = free_port()
+        self.http_port, self.metrics_port = free_ports(2)
         self.base_url = f"http://127.0.0.1:{self.http_port}"
         self.metrics_url = f"127.0.0.1:{self.metrics_port}"
         self.api_key = ""
@@ -610,7 +567,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    sources = source_images(args.size)
+    sources = source_images(args.size, count=4)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM → KeyboardInterrupt → cleanup
     phases: list[PhaseResult] = []
     switches: list[dict[str, Any]] = []

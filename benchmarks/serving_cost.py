@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-requests", type=int, default=5000)
     parser.add_argument("--model", default=None)
     args = parser.parse_args(argv)
-    sources = source_images(args.size)
+    sources = source_images(args.size, count=4)
     figures = {"direct engine": direct(args, sources)}
     figures["full stack"] = full_stack(args, sources)
     print(

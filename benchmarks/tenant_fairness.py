@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         stack.start()
-        sources = source_images(args.size)
+        sources = source_images(args.size, count=4)
         deployed = None
         for label, admission, with_noisy in PHASES:
             if admission != deployed:  # a new admission policy redeploys the app

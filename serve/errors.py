@@ -5,7 +5,7 @@ Why a root of its own: authentication, plan limits, idempotency and the state of
 ``inference.errors.InferenceError``. The HTTP layer reads ``status`` and ``retry_after_s`` from the
 class (``serve.api.errors`` renders both roots; ``INFERENCE_STATUS`` below gives the inference
 package's classes theirs); a durable job retries exactly the ``transient`` ones.
-Ray pickles these between replicas, so they rebuild from their ``__dict__`` (keyword-only ``__init__``).
+Ray pickles these between replicas (``PicklableError``).
 """
 
 from __future__ import annotations
@@ -20,18 +20,12 @@ from inference.errors import (
     InvalidInputError,
     ModelLoadError,
     OutOfMemoryError,
+    PicklableError,
     RequestCancelledError,
 )
 
 
-def _rebuild(cls: type[ServingError], state: dict[str, Any]) -> ServingError:
-    error = cls.__new__(cls)
-    Exception.__init__(error, state.get("message", ""))
-    error.__dict__.update(state)
-    return error
-
-
-class ServingError(Exception):
+class ServingError(PicklableError):
     """Base of every serving-layer refusal or fault."""
 
     code: ClassVar[str] = "serving_error"
@@ -56,12 +50,6 @@ class ServingError(Exception):
         self.param = param
         self.details = details
         self.retry_after_s = retry_after_s if retry_after_s is not None else self.default_retry_after_s
-
-    def __reduce__(self):
-        return (_rebuild, (type(self), dict(self.__dict__)))
-
-    def __str__(self) -> str:
-        return self.message if not self.details else f"{self.message} ({self.details})"
 
 
 # ---- the caller must change something (4xx) ------------------------------------------------------

