@@ -26,6 +26,16 @@ if [[ ",$EXTRAS," == *",test,"* ]] && ! command -v prometheus >/dev/null; then
     exit 1
   fi
 fi
+# The control-plane tests run a real Redis (Debian's package; each test starts its own redis-server on a
+# free port). It brings redis-cli too, which tests/integration/test_k8s_manifests.py runs as the probes do.
+if [[ ",$EXTRAS," == *",test,"* ]] && ! command -v redis-server >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server
+  else
+    echo "redis-server is missing: install Debian's 'redis-server' package (needs root)" >&2
+    exit 1
+  fi
+fi
 rm -f "$VENV"/.installed-*
 touch "$stamp"
 echo "environment ready in $VENV"

@@ -56,9 +56,24 @@ def build_app(args: dict[str, Any]) -> Application:
             max_ongoing_requests=1000,
         )
 
-    governor = single(GovernorDeployment, "TenantGovernor").bind(parsed)
-    # One coordinator owns durable jobs, so idempotency claims and cancellations stay race-free.
-    coordinator = single(JobCoordinator, "JobCoordinator").bind(parsed, handles, governor)
+    if parsed.control_plane.kind == "redis":
+        # Limits live in Redis (checked from each ingress replica) and each job is held by a lease,
+        # so coordinators scale out like the ingress.
+        governor = None
+        coordinator = (
+            serve.deployment(JobCoordinator)
+            .options(
+                name="JobCoordinator",
+                ray_actor_options={"num_cpus": 0.1},
+                autoscaling_config=parsed.control_plane.coordinators.serve_config(),
+                max_ongoing_requests=1000,
+            )
+            .bind(parsed, handles, governor)
+        )
+    else:
+        governor = single(GovernorDeployment, "TenantGovernor").bind(parsed)
+        # One coordinator owns durable jobs, so idempotency claims and cancellations stay race-free.
+        coordinator = single(JobCoordinator, "JobCoordinator").bind(parsed, handles, governor)
     ingress = serve.deployment(Ingress).options(
         name="Ingress",
         ray_actor_options={"num_cpus": parsed.ingress.num_cpus},

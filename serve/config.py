@@ -222,6 +222,26 @@ class WebhookArgs(_Strict):
     )
 
 
+class ControlPlaneArgs(_Strict):
+    """Where per-tenant limits, usage counters and job leases live.
+
+    ``local`` (the embedded default): one tenant-governor replica and one job coordinator, nothing to
+    run beside Ray. ``redis``: limits are atomic scripts in Redis called from every ingress replica
+    (no governor hop), usage is counted there and flushed to the object store, and job coordinators
+    scale out, each job held by a lease; the address is ``IMG2IMG_REDIS_URL`` (a secret: it carries
+    the password). Production runs one Redis for this and for Ray's GCS fault tolerance.
+    """
+
+    kind: Literal["local", "redis"] = "local"
+    slot_ttl_s: float = Field(
+        900, gt=0, description="a concurrency slot never released (its ingress crashed) expires after this"
+    )
+    lease_s: float = Field(
+        15, ge=1, le=300, description="a job lease; another coordinator resumes a dead one's jobs within this"
+    )
+    coordinators: ReplicaScaling = ReplicaScaling(min_replicas=1, max_replicas=4, target_ongoing_requests=64)
+
+
 class AppArgs(_Strict):
     models: list[ModelDeployment] = Field(min_length=1)
     ingress: IngressDeployment = IngressDeployment()
@@ -229,6 +249,7 @@ class AppArgs(_Strict):
     fetch: FetchArgs = FetchArgs()
     webhooks: WebhookArgs = WebhookArgs()
     cors: CorsPolicy = CorsPolicy()
+    control_plane: ControlPlaneArgs = ControlPlaneArgs()
     tenants: list[Tenant] = Field(default_factory=list, description="tenants with hashed keys and limits")
     request_timeout_s: float = Field(300, gt=0, description="a request waiting longer gets 504")
     max_side: int = Field(
@@ -261,6 +282,9 @@ class Secrets(BaseSettings):
             "server key: a tenant without its own webhook secret signs with HMAC(this, tenant name); "
             "used as one shared secret only with webhooks.shared_secret: true"
         ),
+    )
+    redis_url: SecretStr | None = Field(
+        None, description="redis://[:password@]host:port/db, for control_plane.kind redis"
     )
     s3_endpoint: str | None = None
     s3_public_endpoint: str | None = None

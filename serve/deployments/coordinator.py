@@ -18,7 +18,7 @@ from serve.deployments.handles import RayModelBackend, governor_client
 from serve.jobs.runner import JobRunner
 from serve.jobs.webhooks import WebhookPolicy
 from serve.observability.log_redaction import redact_library_logs
-from serve.wiring import wire
+from serve.wiring import leases, wire
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +27,12 @@ class JobCoordinator(JobRunner):
     """Ray Serve deployment class (wrapped by ``serve.deployment`` in ``serve.app``)."""
 
     def __init__(
-        self, args: AppArgs, model_handles: dict[str, DeploymentHandle], governor: DeploymentHandle
+        self, args: AppArgs, model_handles: dict[str, DeploymentHandle], governor: DeploymentHandle | None
     ) -> None:
         redact_library_logs()  # webhook targets are callers' URLs, maybe with tokens in the query
         secrets = Secrets()
         backend = RayModelBackend(model_handles, args.models, args.request_timeout_s)
-        wired = wire(args, secrets, backend, governor_client(governor))
+        wired = wire(args, secrets, backend, governor_client(governor) if governor else None)
         self._tenants = wired.tenants
         webhook_secret = (
             secrets.webhook_secret.get_secret_value().encode() if secrets.webhook_secret else None
@@ -48,6 +48,7 @@ class JobCoordinator(JobRunner):
             ),
             fetch_policy=wired.service.fetch_policy,
             tenant_lookup=wired.tenants.lookup,
+            leases=leases(args, wired),
         )
 
     async def check_health(self) -> None:

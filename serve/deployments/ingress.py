@@ -8,6 +8,7 @@ stores outputs and answers readiness.
 from __future__ import annotations
 
 import logging
+import time
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -21,6 +22,8 @@ from serve.observability.metrics import IngressMetrics
 from serve.wiring import wire
 
 logger = logging.getLogger(__name__)
+
+USAGE_FLUSH_INTERVAL_S = 30.0
 
 
 @serve.ingress()
@@ -37,11 +40,12 @@ class Ingress:
         args: AppArgs,
         model_handles: dict[str, DeploymentHandle],
         coordinator: DeploymentHandle,
-        governor: DeploymentHandle,
+        governor: DeploymentHandle | None,
     ) -> None:
+        """``governor`` is None when the control plane is Redis: limits are then checked from here."""
         backend = RayModelBackend(model_handles, args.models, args.request_timeout_s)
-        self._governor = governor_client(governor)
-        self._wired = wire(args, Secrets(), backend, self._governor)
+        self._wired = wire(args, Secrets(), backend, governor_client(governor) if governor else None)
+        self._next_flush = 0.0
         self._jobs = coordinator_client(coordinator)
         self._bucket_ready = getattr(self._wired.store, "ensure_bucket", None)
         self._cors = args.cors
@@ -53,7 +57,7 @@ class Ingress:
         app.state.jobs = self._jobs
         app.state.job_store = self._wired.records
         app.state.tenants = self._wired.tenants
-        app.state.usage = self._governor
+        app.state.usage = self._wired.limits
         app.state.metrics = IngressMetrics()
         return app
 
@@ -70,3 +74,16 @@ class Ingress:
                 self._bucket_ready = None
             except (InferenceError, ServingError) as error:
                 logger.warning("output bucket not ready yet: %s", error)
+        await self._flush_usage()
+
+    async def _flush_usage(self) -> None:
+        """With Redis limits, every ingress replica flushes hot usage hours now and then (the flush is
+        idempotent, so replicas doing it at once is harmless)."""
+        flush = getattr(self._wired.limits, "flush", None)
+        if flush is None or time.monotonic() < self._next_flush:
+            return
+        self._next_flush = time.monotonic() + USAGE_FLUSH_INTERVAL_S
+        try:
+            await flush()
+        except Exception as error:  # Redis or storage down: the next health check tries again
+            logger.warning("could not flush usage yet: %s", error)

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from serve.errors import Failure, IdempotencyConflictError, public_fields, status_for
 from serve.generation.calls import CompletedCall, GenerationCall, PreparedCall, StoredImage
-from serve.storage.objects import ObjectNotFoundError, ObjectStore
+from serve.storage.objects import ConcurrentWriteError, ObjectNotFoundError, ObjectStore
 
 
 class JobState(enum.StrEnum):
@@ -111,6 +111,7 @@ class JobRecord(BaseModel):
     webhook: WebhookState | None = None
     run_attempts: int = 0
     cancel_requested: bool = False
+    lease_token: int = 0  # the fencing token of the runner that last wrote it (serve.jobs.leases)
 
     def touch(self) -> JobRecord:
         self.updated_at = datetime.now(UTC)
@@ -182,6 +183,14 @@ def fingerprint(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+class StaleLeaseError(Exception):
+    """A newer runner holds this job (a higher fencing token is stored): this one must stop, unheard."""
+
+
+#: A conditional write lost to another writer this often in a row: give up (the caller retries later).
+FENCED_WRITE_ATTEMPTS = 10
+
+
 class JobStore:
     """Job records, idempotency keys and pending markers in an ``ObjectStore``."""
 
@@ -201,8 +210,57 @@ class JobStore:
         return f"{tenant}/idempotency/{hashlib.sha256(key.encode()).hexdigest()}.json"
 
     async def save(self, record: JobRecord) -> None:
+        """Write a record no runner holds yet (a new job, a synchronous call's result)."""
         data = record.touch().model_dump_json().encode()
         await self.store.put(self.record_key(record.tenant, record.id), data, "application/json")
+        await self._mark(record)
+
+    async def save_fenced(self, record: JobRecord) -> None:
+        """Write a running job's record only if no newer runner has written it (its stored
+        ``lease_token`` is not higher): ``StaleLeaseError`` otherwise. A cancellation another process
+        requested meanwhile is kept (``record.cancel_requested`` becomes True: the runner sees it)."""
+        key = self.record_key(record.tenant, record.id)
+        for _ in range(FENCED_WRITE_ATTEMPTS):
+            try:
+                raw, version = await self.store.get_versioned(key)
+                stored = JobRecord.model_validate_json(raw)
+            except ObjectNotFoundError:
+                stored, version = None, None
+            if stored is not None:
+                if stored.lease_token > record.lease_token:
+                    raise StaleLeaseError(
+                        f"job {record.id}: token {record.lease_token} < stored {stored.lease_token}"
+                    )
+                record.cancel_requested = record.cancel_requested or stored.cancel_requested
+            data = record.touch().model_dump_json().encode()
+            try:
+                await self.store.put_if(key, data, "application/json", version=version)
+            except ConcurrentWriteError:
+                continue
+            await self._mark(record)
+            return
+        raise ConcurrentWriteError(f"job {record.id}: the record kept changing under this runner")
+
+    async def request_cancel(self, tenant: str, job_id: str) -> None:
+        """Set the record's cancel flag without touching anything its runner writes."""
+        key = self.record_key(tenant, job_id)
+        for _ in range(FENCED_WRITE_ATTEMPTS):
+            raw, version = await self.store.get_versioned(key)
+            record = JobRecord.model_validate_json(raw)
+            if record.status.terminal or record.cancel_requested:
+                return
+            record.cancel_requested = True
+            try:
+                await self.store.put_if(
+                    key, record.touch().model_dump_json().encode(), "application/json", version=version
+                )
+                return
+            except ConcurrentWriteError:
+                continue
+        raise ConcurrentWriteError(f"job {job_id}: the record kept changing; cancel again")
+
+    async def _mark(self, record: JobRecord) -> None:
+        """The pending marker follows the record: present while the job is not finished."""
         if record.status.terminal:
             await self.store.delete(self._pending_key(record.tenant, record.id))
         else:

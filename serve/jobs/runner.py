@@ -21,10 +21,11 @@ from typing import Any
 from inference.errors import InferenceError
 from inference.images import SourceImage
 from inference.types import Progress
-from serve.errors import NotFoundError, ServingError, StorageUnavailableError
+from serve.errors import IdempotencyConflictError, NotFoundError, ServingError, StorageUnavailableError
 from serve.generation.calls import CompletedCall
 from serve.generation.service import GenerationService
-from serve.jobs.records import JobError, JobRecord, JobState, JobStore, StoredOutput
+from serve.jobs.leases import Leases, LocalLeases
+from serve.jobs.records import JobError, JobRecord, JobState, JobStore, StaleLeaseError, StoredOutput
 from serve.jobs.webhooks import NO_SECRET, WebhookPolicy, deliver, webhook_payload, webhook_secret_for
 from serve.outbound.fetch import FetchPolicy
 from serve.tenancy.tenants import Tenant
@@ -40,6 +41,7 @@ MAX_RUNS = 3
 REPLICA_WAIT_S = 120.0  # how long a retry waits for the model (or the store) to answer again
 STORAGE_OUTAGE_RETRIES = 10  # storage failing the record itself: wait and start the job over this often
 PROGRESS_SAVE_INTERVAL_S = 1.0
+CANCEL_WAIT_S = 10.0  # how long a cancel waits for the job's runner (maybe another process) to stop
 
 
 @dataclass
@@ -52,13 +54,15 @@ class JobRunner:
     webhook_policy: WebhookPolicy = field(default_factory=WebhookPolicy)
     fetch_policy: FetchPolicy = field(default_factory=FetchPolicy)
     tenant_lookup: Callable[[str], Tenant | None] = lambda name: None
+    leases: Leases = field(default_factory=LocalLeases)  # RedisLeases when coordinators scale out
 
     def __post_init__(self) -> None:
         self._tasks: dict[str, asyncio.Task] = {}
         self._done: dict[str, asyncio.Event] = {}
         self._sources: dict[str, SourceImage] = {}  # decoded at the ingress, used once by _execute
-        self._lock = asyncio.Lock()
         self._resumed = False
+        self._tokens: dict[str, int] = {}  # fencing token of each job this process holds
+        self._stale: set[str] = set()  # jobs whose lease was lost: stop without writing anything
 
     # ---- entry points (each an RPC of the coordinator deployment) ------------------------------
 
@@ -73,19 +77,33 @@ class JobRunner:
         ``source`` is the source image the ingress decoded: the job runs on it instead of decoding the
         stored copy again (decode once). A job resumed after a restart has none and decodes the store's.
         """
-        await self.resume()
-        async with self._lock:
-            if idempotency is not None:
-                bound = await self.jobs.replayed_job(record.tenant, *idempotency)
-                if bound is not None:
-                    return bound
-            await self.jobs.save(record)
-            if idempotency is not None:
-                await self.jobs.bind_idempotency(record.tenant, idempotency[0], idempotency[1], record.id)
-            if source is not None:
-                self._sources[record.id] = source
-            self._start(record.tenant, record.id)
+        if not self._resumed:  # once; shared coordinators rescan from their health checks
+            await self.resume()
+        if idempotency is not None:
+            bound = await self.jobs.replayed_job(record.tenant, *idempotency)  # the durable binding
+            if bound is None:  # a new key: one accept wins it, here or in another coordinator
+                fingerprint, bound = await self.leases.bind_key(record.tenant, *idempotency, record.id)
+                if fingerprint != idempotency[1]:
+                    raise IdempotencyConflictError(
+                        "this Idempotency-Key was already used with a different request body",
+                        param="Idempotency-Key",
+                    )
+            if bound != record.id:
+                await self._saved(record.tenant, bound)
+                return bound
+        await self.jobs.save(record)
+        if idempotency is not None:
+            await self.jobs.bind_idempotency(record.tenant, idempotency[0], idempotency[1], record.id)
+        if source is not None:
+            self._sources[record.id] = source
+        self._start(record.tenant, record.id)
         return record.id
+
+    async def _saved(self, tenant: str, job_id: str, timeout_s: float = 10.0) -> None:
+        """Wait (bounded) until the winner of an Idempotency-Key race has saved its record."""
+        deadline = time.monotonic() + timeout_s
+        while await self.jobs.load(tenant, job_id) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     async def cancel(self, tenant: str, job_id: str) -> JobRecord:
         """Queued jobs never run; a running one leaves the engine at its next step."""
@@ -94,17 +112,34 @@ class JobRunner:
             raise NotFoundError(f"no job {job_id}", param="id")
         if record.status.terminal:
             return record
-        record.cancel_requested = True
-        await self.jobs.save(record)
+        await self.jobs.request_cancel(tenant, job_id)  # a runner elsewhere sees it at its next write
         task = self._tasks.get(job_id)
         if task is not None:
             task.cancel()
             await asyncio.wait({task}, timeout=10)
+        elif self.leases.shared:
+            await self._until_final(tenant, job_id, CANCEL_WAIT_S)
         settled = await self.jobs.load(tenant, job_id)
-        # Not running here, or canceled before its task ever started (so nothing in it settled the job).
+        # Running nowhere, or canceled before its task ever started: settle it here, as its holder.
         if not settled.status.terminal and (task is None or task.done()):
-            await self._finish(settled, JobState.CANCELED)
+            token = await self.leases.claim(job_id)
+            if token is not None:
+                settled.lease_token = token
+                try:
+                    await self._finish(settled, JobState.CANCELED)
+                finally:
+                    await self.leases.release(job_id, token)
         return await self.jobs.load(tenant, job_id)
+
+    async def _until_final(self, tenant: str, job_id: str, timeout_s: float) -> JobRecord | None:
+        """The record once it is final (polled: its runner may be another process), or as it is."""
+        deadline, delay = time.monotonic() + timeout_s, 0.05
+        while True:
+            record = await self.jobs.load(tenant, job_id)
+            if record is None or record.status.terminal or time.monotonic() >= deadline:
+                return record
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 1.0)
 
     async def wait(self, tenant: str, job_id: str, timeout_s: float) -> JobRecord | None:
         """The record once the job is finished, or as it is after ``timeout_s``."""
@@ -113,19 +148,24 @@ class JobRunner:
             with contextlib.suppress(TimeoutError):  # not finished yet: the caller gets it as it is
                 async with asyncio.timeout(timeout_s):
                     await event.wait()
+        elif self.leases.shared:  # it may run in another coordinator
+            return await self._until_final(tenant, job_id, timeout_s)
         return await self.jobs.load(tenant, job_id)
 
     async def resume(self) -> int:
-        """Once per process: restart every unfinished job found in the store."""
-        if self._resumed:
+        """Restart unfinished jobs found in the store: once per process when this is the only
+        coordinator; on every call (each health check) when coordinators share the jobs, so a dead
+        replica's jobs are claimed by another once their leases expire."""
+        if self._resumed and not self.leases.shared:
             return 0
         pending = await self.jobs.pending()  # raises while storage is down: resume is tried again later
         self._resumed = True
-        for tenant, job_id in pending:
-            self._start(tenant, job_id)
-        if pending:
-            logger.info("resumed %d unfinished job(s)", len(pending))
-        return len(pending)
+        orphans = [(tenant, job_id) for tenant, job_id in pending if job_id not in self._tasks]
+        for tenant, job_id in orphans:
+            self._start(tenant, job_id)  # a job another replica holds ends at once: its claim fails
+        if orphans and not self.leases.shared:
+            logger.info("resumed %d unfinished job(s)", len(orphans))
+        return len(orphans)
 
     async def drain(self) -> None:
         """Wait for every running job (tests)."""
@@ -143,8 +183,24 @@ class JobRunner:
         task.add_done_callback(lambda _: self._tasks.pop(job_id, None))
 
     async def _run(self, tenant: str, job_id: str) -> None:
-        """Run a job to a final, saved state. If the store itself is down (the record cannot be read or
-        written), wait for it and start over: the job's seed is fixed, so a rerun gives the same images."""
+        """Run a job to a final, saved state, holding its lease. If the store itself is down (the record
+        cannot be read or written), wait for it and start over: the job's seed is fixed, so a rerun
+        gives the same images."""
+        token = None
+        try:
+            token = await self.leases.claim(job_id)
+        except Exception as error:  # Redis unreachable: the next scan tries again
+            logger.warning("job %s: could not claim its lease: %s", job_id, error)
+        if token is None:
+            self._sources.pop(job_id, None)
+            event = self._done.pop(job_id, None)
+            if event is not None:
+                event.set()
+            return
+        self._tokens[job_id] = token
+        keeper = asyncio.get_running_loop().create_task(
+            self._keep_lease(job_id, token, asyncio.current_task())
+        )
         try:
             for _ in range(STORAGE_OUTAGE_RETRIES):
                 try:
@@ -155,23 +211,52 @@ class JobRunner:
                     await self._storage_back(REPLICA_WAIT_S)
             logger.error("job %s: storage stayed down; the job stays pending and resumes on restart", job_id)
         finally:
+            keeper.cancel()
+            self._tokens.pop(job_id, None)
+            self._stale.discard(job_id)
+            with contextlib.suppress(Exception):
+                await self.leases.release(job_id, token)
             self._sources.pop(job_id, None)
             event = self._done.pop(job_id, None)
             if event is not None:
                 event.set()
+
+    async def _keep_lease(self, job_id: str, token: int, run: asyncio.Task) -> None:
+        """Renew the lease while the job runs; if it was lost, stop the job without a word written."""
+        interval = getattr(self.leases, "ttl_ms", 15_000) / 3000
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if await self.leases.renew(job_id, token):
+                    continue
+            except Exception as error:  # Redis briefly away: the lease may still be ours; fencing decides
+                logger.warning("job %s: could not renew its lease: %s", job_id, error)
+                continue
+            logger.warning("job %s: lease lost to another coordinator; stopping here", job_id)
+            self._stale.add(job_id)
+            run.cancel()
+            return
+
+    async def _save(self, record: JobRecord) -> None:
+        """Every write of a running job is fenced with this process's token for it."""
+        record.lease_token = self._tokens.get(record.id, record.lease_token)
+        await self.jobs.save_fenced(record)
 
     async def _run_once(self, tenant: str, job_id: str) -> None:
         record = await self.jobs.load(tenant, job_id)
         try:
             if record is None or record.status.terminal:
                 return
+            await self._save(record)  # takes the record: an older holder's next write now fails
             if record.cancel_requested:
                 await self._finish(record, JobState.CANCELED)
                 return
             await self._execute(record)
         except asyncio.CancelledError:
-            if record is not None:
+            if record is not None and job_id not in self._stale:
                 await self._finish(record, JobState.CANCELED)
+        except StaleLeaseError:
+            logger.warning("job %s: a newer coordinator holds it; this one stops without writing", job_id)
         except StorageUnavailableError:
             raise
         except Exception:  # a bug must still leave the job in a final state
@@ -190,12 +275,14 @@ class JobRunner:
             record.steps_done, record.steps_total = progress.steps_done, progress.steps_total
             if time.monotonic() - last_save >= PROGRESS_SAVE_INTERVAL_S:
                 last_save = time.monotonic()
-                await self.jobs.save(record)
+                await self._save(record)
+                if record.cancel_requested:  # asked of another coordinator: leave the engine now
+                    raise asyncio.CancelledError
 
         while True:
             record.status, record.started_at = JobState.PROCESSING, datetime.now(UTC)
             record.run_attempts += 1
-            await self.jobs.save(record)
+            await self._save(record)
             try:
                 done = await self.service.execute(prepared, on_progress)
             except (InferenceError, ServingError) as error:
@@ -243,7 +330,7 @@ class JobRunner:
     async def _finish(self, record: JobRecord, state: JobState, done: CompletedCall | None = None) -> None:
         record.status = state
         record.completed_at = datetime.now(UTC)
-        await self.jobs.save(record)
+        await self._save(record)
         try:  # free the tenant's slot and meter the job, whatever its end
             await self.service.release(record.call, done)
         except Exception as error:
@@ -262,13 +349,13 @@ class JobRunner:
         if secret is None:
             record.webhook.attempts.append({"error": NO_SECRET, "code": "no_secret"})
             record.webhook.status = "failed"
-            await self.jobs.save(record)
+            await self._save(record)
             return
         payload = webhook_payload(await self.render(record), record.tenant)
 
         async def on_attempt(attempt) -> None:
             record.webhook.attempts.append(attempt.as_dict())
-            await self.jobs.save(record)
+            await self._save(record)
 
         try:
             record.webhook.delivered = await deliver(
@@ -289,4 +376,4 @@ class JobRunner:
                 record.id,
                 len(record.webhook.attempts),
             )
-        await self.jobs.save(record)
+        await self._save(record)

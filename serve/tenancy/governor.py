@@ -40,11 +40,21 @@ class _Bucket:
     updated: float
 
 
-def _hour(moment: datetime) -> str:
+def hour_of(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H")
 
 
-def _parse_day(raw: bytes) -> dict[str, dict[str, float]]:
+def hours_between(start: datetime, end: datetime) -> list[str]:
+    """The UTC hours (``YYYY-MM-DDTHH``) from the one holding ``start`` to the one holding ``end``."""
+    moment = start.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    hours: list[str] = []
+    while moment <= end:
+        hours.append(hour_of(moment))
+        moment += timedelta(hours=1)
+    return hours
+
+
+def parse_day(raw: bytes) -> dict[str, dict[str, float]]:
     """A day object's hours, every figure a number (anything else raises)."""
     hours = json.loads(raw)["hours"]
     if not isinstance(hours, dict):
@@ -55,7 +65,7 @@ def _parse_day(raw: bytes) -> dict[str, dict[str, float]]:
     }
 
 
-def _day_key(tenant: str, day: str) -> str:
+def day_key(tenant: str, day: str) -> str:
     return f"_usage/{tenant}/{day}.json"
 
 
@@ -101,7 +111,7 @@ class TenantGovernor:
         """The request finished (or failed): free its slot and add its usage to the current hour."""
         self._in_flight.get(tenant, {}).pop(request_id, None)
         if usage:
-            slot = (tenant, _hour(datetime.now(UTC)))
+            slot = (tenant, hour_of(datetime.now(UTC)))
             totals = self._unsaved.setdefault(slot, dict.fromkeys(USAGE_FIELDS, 0.0))
             for name in USAGE_FIELDS:
                 totals[name] += float(usage.get(name, 0.0))
@@ -114,13 +124,13 @@ class TenantGovernor:
             return cached
         if self.store is None:
             return {}
-        key = _day_key(tenant, day)
+        key = day_key(tenant, day)
         try:
             raw = await self.store.get(key)
         except ObjectNotFoundError:
             return {}
         try:
-            return _parse_day(raw)
+            return parse_day(raw)
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             # One damaged object must not make /v1/usage a 500 or stop every later flush of that day:
             # keep its bytes aside for an operator, then count the day from what this process knows.
@@ -147,7 +157,7 @@ class TenantGovernor:
                     totals[name] += delta[name]
             try:
                 data = json.dumps({"hours": hours}, sort_keys=True).encode()
-                await self.store.put(_day_key(tenant, day), data, "application/json")
+                await self.store.put(day_key(tenant, day), data, "application/json")
             except BaseException:  # not written: keep the usage for the next flush
                 for hour, delta in taken.items():
                     totals = self._unsaved.setdefault((tenant, hour), dict.fromkeys(USAGE_FIELDS, 0.0))
@@ -163,11 +173,7 @@ class TenantGovernor:
         """The tenant's totals over whole hours from ``start`` to ``end``: one store read per UTC day
         spanned (none for days this governor wrote), plus what is not flushed yet."""
         totals = dict.fromkeys(USAGE_FIELDS, 0.0)
-        moment = start.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
-        hours: list[str] = []
-        while moment <= end:
-            hours.append(_hour(moment))
-            moment += timedelta(hours=1)
+        hours = hours_between(start, end)
         days = {day: await self._read_day(tenant, day) for day in sorted({hour[:10] for hour in hours})}
         for hour in hours:
             for bucket in (days[hour[:10]].get(hour), self._unsaved.get((tenant, hour))):

@@ -12,6 +12,7 @@ import pytest
 
 from cluster import multinode
 from serve.tenancy.keys import hash_key
+from tests.support.redis_server import RedisServer
 from tests.support.s3server import SETUP_HINT, SeaweedS3Server, find_weed
 
 
@@ -25,6 +26,18 @@ def s3_server():
         pytest.fail(f"SeaweedFS `weed` binary not found; {SETUP_HINT}", pytrace=False)
     with SeaweedS3Server() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A running ``redis-server`` (Debian's package) with a password. Missing binary = failure."""
+    try:
+        server = RedisServer(tmp_path_factory.mktemp("redis"))
+    except FileNotFoundError as error:
+        pytest.fail(str(error), pytrace=False)
+    server.start()
+    yield server
+    server.stop()
 
 
 WEBHOOK_SECRET = "integration-webhook-secret"
@@ -77,7 +90,7 @@ def _stack_args(model_dir: Path, bucket: str) -> dict:
 
 
 @pytest.fixture(scope="session")
-def stack(s3_server, tiny_model_dirs) -> Stack:
+def stack(s3_server, redis_server, tiny_model_dirs) -> Stack:
     """One Ray cluster (in-process, loopback) with the app deployed on the tiny model and real S3.
 
     Secrets reach Ray's worker processes through the environment, so they are set before ``ray.init``.
@@ -98,6 +111,8 @@ def stack(s3_server, tiny_model_dirs) -> Stack:
             "IMG2IMG_S3_SECRET_KEY": s3_server.secret_key,
             "IMG2IMG_S3_SECURE": "false",
             "IMG2IMG_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            # Only side applications with control_plane.kind redis use it (the main app is local).
+            "IMG2IMG_REDIS_URL": redis_server.url,
             "RAY_metrics_report_interval_ms": "1000",
         }
     )

@@ -8,6 +8,9 @@
   up to date; ``promtool check rules`` accepts the PrometheusRule.
 - Every metric the dashboard and alerts query is exported by the running app (the ``stack``
   fixture's exporter), except Ray's GPU node metrics, checked against Ray's source instead.
+- One Redis (StatefulSet, Service, Secret) backs both Ray's GCS fault tolerance and the app's
+  control plane: same Service, same Secret; its arguments start a real ``redis-server`` and its
+  probes pass against it.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import io
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import httpx
@@ -67,6 +72,12 @@ def rendered(request) -> tuple[str, list[dict]]:
 def _one(docs: list[dict], kind: str) -> dict:
     matches = [d for d in docs if d["kind"] == kind]
     assert len(matches) == 1, f"{len(matches)} {kind} objects"
+    return matches[0]
+
+
+def _named(docs: list[dict], kind: str, name: str) -> dict:
+    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{len(matches)} {kind} objects named {name}"
     return matches[0]
 
 
@@ -189,9 +200,9 @@ def test_gpu_overlay_autoscales_gpu_workers_from_zero(rendered):
 
 def test_minio_statefulset_secret_and_bucket_job(rendered):
     overlay, docs = rendered
-    statefulset, job = _one(docs, "StatefulSet"), _one(docs, "Job")
+    statefulset, job = _named(docs, "StatefulSet", "minio"), _one(docs, "Job")
     assert statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
-    assert {p["port"] for p in _one(docs, "Service")["spec"]["ports"]} >= {9000}
+    assert {p["port"] for p in _named(docs, "Service", "minio")["spec"]["ports"]} >= {9000}
     minio_env = {
         e["name"]: e["valueFrom"]["secretKeyRef"]
         for e in statefulset["spec"]["template"]["spec"]["containers"][0]["env"]
@@ -209,6 +220,170 @@ def test_minio_statefulset_secret_and_bucket_job(rendered):
             secret["stringData"]
         )
         assert set(minio_env) == {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"}
+
+
+REDIS_SECRET = "img2img-redis"
+# KubeRay refuses these on the head when gcsFaultToleranceOptions is set (it sets them itself).
+KUBERAY_OWNED_ENV = {"RAY_REDIS_ADDRESS", "REDIS_PASSWORD", "REDIS_USERNAME"}
+
+
+def _env_refs(container: dict) -> dict[str, dict]:
+    """name -> secretKeyRef of a container's env entries read from a Secret."""
+    return {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in container.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+
+
+def _redis(docs: list[dict]) -> tuple[dict, dict, dict]:
+    """(StatefulSet, its container, Service) of the base's Redis."""
+    statefulset = _named(docs, "StatefulSet", "redis")
+    return (
+        statefulset,
+        statefulset["spec"]["template"]["spec"]["containers"][0],
+        _named(docs, "Service", "redis"),
+    )
+
+
+def _bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (Mi/Gi) or a Redis size (mb/gb) in bytes."""
+    number, unit = re.fullmatch(r"(\d+)([A-Za-z]*)", quantity).groups()
+    return int(number) * {"": 1, "Mi": 2**20, "Gi": 2**30, "mb": 2**20, "gb": 2**30}[unit]
+
+
+def test_redis_statefulset_service_and_secret(rendered):
+    overlay, docs = rendered
+    statefulset, container, service = _redis(docs)
+    spec = statefulset["spec"]
+    assert spec["replicas"] == 1 and spec["serviceName"] == "redis"
+    assert re.fullmatch(r"redis:\d+\.\d+\.\d+(-[a-z0-9]+)?", container["image"]), "pin a Redis 7 release"
+    assert container["image"].startswith("redis:7.")
+    args = container["args"]
+    options = dict(zip(args[::2], args[1::2], strict=True))
+    assert options["--requirepass"] == "$(REDIS_PASSWORD)" and options["--appendonly"] == "yes"
+    assert options["--maxmemory-policy"] == "noeviction"  # a dropped lease or GCS table is data loss
+    refs = _env_refs(container)
+    assert refs["REDIS_PASSWORD"] == refs["REDISCLI_AUTH"] == {"name": REDIS_SECRET, "key": "password"}
+    # The append-only file lands on the claimed volume.
+    claim = spec["volumeClaimTemplates"][0]["metadata"]["name"]
+    assert {"name": claim, "mountPath": options["--dir"]} in container["volumeMounts"]
+    limits = container["resources"]["limits"]
+    assert container["resources"]["requests"] and _bytes(options["--maxmemory"]) < _bytes(limits["memory"])
+    for probe in ("readinessProbe", "livenessProbe"):
+        command = " ".join(container[probe]["exec"]["command"])
+        assert "redis-cli" in command and "ping" in command and "PONG" in command, command
+    pod_security = spec["template"]["spec"]["securityContext"]
+    assert pod_security["runAsNonRoot"] is True and pod_security["runAsUser"] != 0
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    # The Service reaches the pod on the port Redis listens on.
+    assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == 6379
+    assert {"name": port["targetPort"], "containerPort": 6379} in container["ports"]
+    secrets = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == REDIS_SECRET]
+    if overlay == "dev":
+        (secret,) = secrets
+        # It goes into IMG2IMG_REDIS_URL as is, so it must need no percent-encoding.
+        assert re.fullmatch(r"[A-Za-z0-9._~-]{16,}", secret["stringData"]["password"])
+    else:
+        assert not secrets, "production's Redis password is created out of band"
+
+
+def test_rayservice_uses_the_same_redis_for_gcs_and_the_control_plane(rendered):
+    overlay, docs = rendered
+    rayservice = _one(docs, "RayService")
+    _, redis_container, service = _redis(docs)
+    redis_secret = _env_refs(redis_container)["REDIS_PASSWORD"]
+    cluster = rayservice["spec"]["rayClusterConfig"]
+
+    # GCS fault tolerance: the Redis Service, the password from the Secret Redis itself uses.
+    ft = cluster["gcsFaultToleranceOptions"]
+    address = urllib.parse.urlsplit("//" + ft["redisAddress"].removeprefix("redis://"))
+    assert address.hostname in {"redis", f"redis.{service['metadata']['namespace']}.svc"}
+    assert address.port == service["spec"]["ports"][0]["port"]
+    assert ft["redisPassword"]["valueFrom"]["secretKeyRef"] == redis_secret
+    assert "ray.io/ft-enabled" not in rayservice["metadata"].get("annotations", {})
+    assert "redis-password" not in cluster["headGroupSpec"]["rayStartParams"]
+
+    # The control plane: IMG2IMG_REDIS_URL on the head and every worker group, built from the same Secret.
+    containers = _containers(rayservice)
+    assert set(containers) == {"head", cluster["workerGroupSpecs"][0]["groupName"]}
+    for group, container in containers.items():
+        names = [e["name"] for e in container["env"]]
+        if group == "head":
+            assert not KUBERAY_OWNED_ENV & set(names), "KubeRay refuses these with gcsFaultToleranceOptions"
+        (entry,) = [e for e in container["env"] if e["name"] == "IMG2IMG_REDIS_URL"]
+        url = entry["value"]
+        # Kubernetes expands $(VAR) only for variables defined earlier in the same list.
+        refs = _env_refs(container)
+        for var in re.findall(r"\$\((\w+)\)", url):
+            assert var in names[: names.index("IMG2IMG_REDIS_URL")], (
+                f"{group}: $({var}) is not defined before"
+            )
+            assert refs[var] == redis_secret, f"{group}: $({var}) must come from the Redis Secret"
+        parsed = urllib.parse.urlsplit(url)
+        assert (
+            parsed.scheme == "redis" and parsed.hostname == address.hostname and parsed.port == address.port
+        )
+        assert re.fullmatch(r"\$\(\w+\)", parsed.password or ""), f"{group}: the password must be a reference"
+        assert parsed.path == "/0"
+
+    # The production Serve config turns the Redis control plane on; both overlays' configs are valid.
+    from serve.config import AppArgs
+
+    args = AppArgs.model_validate(
+        yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]["args"]
+    )
+    if overlay == "gpu":
+        assert args.control_plane.kind == "redis"
+        assert args.control_plane.coordinators.min_replicas >= 2
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_redis_manifest_starts_a_real_redis_server_and_its_probes_pass(tmp_path):
+    """The StatefulSet's arguments as redis-server reads them, and its probes against that server."""
+    binary = _tool("redis-server", "install Debian's redis-server package (scripts/setup.sh does)")
+    _tool("redis-cli", "Debian's redis-server package brings redis-cli (redis-tools)")
+    docs = [d for d in yaml.safe_load_all((K8S / "base" / "redis.yaml").read_text()) if d]
+    _, container, _ = _redis(docs)
+    password, port = "probe-test-password-3b9c", _free_port()
+    args = [
+        password if a == "$(REDIS_PASSWORD)" else str(tmp_path) if a == "/data" else a
+        for a in container["args"]
+    ]
+    assert password in args and str(tmp_path) in args
+    server = subprocess.Popen(
+        [binary, *args, "--port", str(port), "--bind", "127.0.0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+
+        def probe(probe_name: str, auth: str) -> int:
+            command = list(container[probe_name]["exec"]["command"])
+            command[-1] = command[-1].replace("redis-cli", f"redis-cli -p {port}", 1)
+            env = {"PATH": "/usr/bin:/bin:/usr/local/bin", "REDISCLI_AUTH": auth}
+            return subprocess.run(command, env=env, capture_output=True, timeout=10).returncode
+
+        deadline = time.monotonic() + 10
+        while probe("readinessProbe", password) != 0:
+            assert server.poll() is None, server.stdout.read()
+            assert time.monotonic() < deadline, "redis-server did not answer PONG"
+            time.sleep(0.1)
+        assert probe("livenessProbe", password) == 0
+        # A wrong password fails the probe (redis-cli itself exits 0 on NOAUTH).
+        assert probe("readinessProbe", "wrong-password") != 0
+        assert (tmp_path / "appendonlydir").is_dir() or (tmp_path / "appendonly.aof").exists()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 def test_monitors_select_ray_pods_by_the_metrics_port(rendered):
