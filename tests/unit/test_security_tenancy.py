@@ -378,7 +378,8 @@ def test_the_ingress_health_check_survives_a_malformed_record(tmp_path):
     asyncio.run(store.put("_tenants/bad.json", b'{"name": 1}', "application/json"))
     catalog = TenantCatalog(TenantDirectory([]), TenantStore(store))
     wired = type("Wired", (), {"tenants": catalog, "limits": None})()
-    replica = type("Replica", (), {"_wired": wired, "_bucket_ready": None, "_next_flush": 0.0})()
+    shell = {"_wired": wired, "_bucket_ready": None, "_next_flush": 0.0, "_flush_usage": Ingress._flush_usage}
+    replica = type("Replica", (), shell)()
     check = Ingress.check_health
     asyncio.run(check(replica))  # no exception: Serve would otherwise mark the replica unhealthy
     assert list(catalog.skipped) == ["_tenants/bad.json"]
