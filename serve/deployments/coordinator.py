@@ -8,6 +8,7 @@ job accepted by any ingress replica survives that replica, and this one. Its RPC
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from ray.serve.handle import DeploymentHandle
@@ -34,6 +35,7 @@ class JobCoordinator(JobRunner):
         backend = RayModelBackend(model_handles, args.models, args.request_timeout_s)
         wired = wire(args, secrets, backend, governor_client(governor) if governor else None)
         self._tenants = wired.tenants
+        self._watcher: asyncio.Task | None = None
         webhook_secret = (
             secrets.webhook_secret.get_secret_value().encode() if secrets.webhook_secret else None
         )
@@ -52,9 +54,12 @@ class JobCoordinator(JobRunner):
         )
 
     async def check_health(self) -> None:
-        """Serve calls this every few seconds: the first call resumes unfinished jobs (storage permitting)."""
+        """Serve calls this every few seconds: the first call resumes unfinished jobs (storage
+        permitting) and, when coordinators share jobs, starts the scan for orphaned ones."""
         try:
             await self._tenants.refresh()
             await self.resume()
         except Exception as error:  # storage down: the next health check tries again
             logger.warning("could not resume jobs yet: %s", error)
+        if self.leases.shared and self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self.watch_orphans())

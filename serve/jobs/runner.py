@@ -167,6 +167,17 @@ class JobRunner:
             logger.info("resumed %d unfinished job(s)", len(orphans))
         return len(orphans)
 
+    async def watch_orphans(self) -> None:
+        """With shared coordinators: rescan for orphaned jobs every half lease, so a dead replica's
+        jobs are running again within about one lease time of its last renewal."""
+        interval = getattr(self.leases, "ttl_ms", 15_000) / 2000
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.resume()
+            except Exception as error:  # storage or Redis away: the next round tries again
+                logger.warning("could not scan for orphaned jobs: %s", error)
+
     async def drain(self) -> None:
         """Wait for every running job (tests)."""
         while self._tasks:
