@@ -141,18 +141,22 @@ class RedisLimits:
             )
 
     async def release(self, tenant: str, request_id: str, usage: dict[str, float] | None) -> None:
-        self._unsent.append((tenant, request_id, usage))
-        while self._unsent:
-            item = self._unsent[0]
-            try:
-                await self._send_release(*item)
-            except RedisError as error:
-                self._unsent = self._unsent[-1000:]  # sent again with the next release (bounded)
-                logger.warning("could not release %d request(s) in Redis yet: %s", len(self._unsent), error)
-                return
-            self._unsent.pop(0)
-            if item[2] and self.metrics is not None:
-                self.metrics.tenant_usage(item[0], item[2])
+        try:
+            await self._send_release(tenant, request_id, usage)
+        except RedisError as error:
+            self._unsent = [*self._unsent, (tenant, request_id, usage)][-1000:]  # bounded
+            logger.warning("could not release request %s in Redis yet: %s", request_id, error)
+            return
+        if usage and self.metrics is not None:
+            self.metrics.tenant_usage(tenant, usage)
+        if self._unsent:  # Redis answers again: send what an outage kept (taken whole: sent once)
+            kept, self._unsent = self._unsent, []
+            for index, item in enumerate(kept):
+                try:
+                    await self._send_release(*item)
+                except RedisError:
+                    self._unsent = kept[index:] + self._unsent
+                    return
 
     async def _send_release(self, tenant: str, request_id: str, usage: dict[str, float] | None) -> None:
         hour = hour_of(self.clock())
