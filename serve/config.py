@@ -242,6 +242,13 @@ class ControlPlaneArgs(_Strict):
     coordinators: ReplicaScaling = ReplicaScaling(min_replicas=1, max_replicas=4, target_ongoing_requests=64)
 
 
+class OpenAIArgs(_Strict):
+    """The OpenAI-compatible API: client-facing model names (``gpt-image-1``, ``dall-e-2``) mapped to
+    served model ids, so OpenAI code runs unchanged with only ``base_url`` and the key changed."""
+
+    model_aliases: dict[str, str] = Field(default_factory=dict, description="client name -> model id")
+
+
 class AppArgs(_Strict):
     models: list[ModelDeployment] = Field(min_length=1)
     ingress: IngressDeployment = IngressDeployment()
@@ -249,6 +256,7 @@ class AppArgs(_Strict):
     fetch: FetchArgs = FetchArgs()
     webhooks: WebhookArgs = WebhookArgs()
     cors: CorsPolicy = CorsPolicy()
+    openai: OpenAIArgs = OpenAIArgs()
     control_plane: ControlPlaneArgs = ControlPlaneArgs()
     tenants: list[Tenant] = Field(default_factory=list, description="tenants with hashed keys and limits")
     request_timeout_s: float = Field(300, gt=0, description="a request waiting longer gets 504")
@@ -261,7 +269,17 @@ class AppArgs(_Strict):
 
     @model_validator(mode="after")
     def _unique_models(self) -> AppArgs:
-        self.registry()  # raises on duplicate ids
+        ids = self.registry().ids  # raises on duplicate ids
+        for alias, target in self.openai.model_aliases.items():
+            if target not in ids:
+                raise ValueError(
+                    f"openai.model_aliases: {alias!r} -> {target!r}, which is not a configured model; "
+                    f"configured: {', '.join(ids)}"
+                )
+            if alias in ids:
+                raise ValueError(
+                    f"openai.model_aliases: {alias!r} is already a model id; an alias must differ"
+                )
         return self
 
     def registry(self) -> ModelRegistry:

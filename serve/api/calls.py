@@ -40,10 +40,11 @@ def to_call(
     image: str,
     *,
     renames: Mapping[str, str] = {},
+    model: str | None = None,
     **computed: Any,
 ) -> GenerationCall:
     """The call ``body`` asks for; ``renames`` maps this API's field names to ours, ``computed`` gives
-    values the API derived itself (a styled prompt, a parsed size)."""
+    values the API derived itself (a styled prompt, a parsed size), ``model`` a resolved model name."""
     ours = {renames.get(name, name): name for name in type(body).model_fields}
     values = {name: getattr(body, field) for name, field in ours.items() if name in PARAM_NAMES}
     for name in MODEL_DEFAULTED:
@@ -53,7 +54,7 @@ def to_call(
         tenant=tenant,
         image=image,
         params=GenerationParams(**{**values, **computed}),
-        model=getattr(body, "model", None) or None,
+        model=model or getattr(body, "model", None) or None,
         output_format=getattr(body, "output_format", "png"),
         explicitly_set=explicit_choices(body),
     )

@@ -34,7 +34,13 @@ def get_job_store(request: Request) -> JobStore:
     return request.app.state.job_store
 
 
+def get_model_aliases(request: Request) -> dict[str, str]:
+    """OpenAI client names → served model ids (``openai.model_aliases``; none unless configured)."""
+    return getattr(request.app.state, "model_aliases", {})
+
+
 ServiceDep = Annotated[GenerationService, Depends(get_service)]
+ModelAliasesDep = Annotated[dict[str, str], Depends(get_model_aliases)]
 CoordinatorDep = Annotated[Coordinator, Depends(get_coordinator)]
 SubmissionsDep = Annotated[Submissions, Depends(get_submissions)]
 JobStoreDep = Annotated[JobStore, Depends(get_job_store)]

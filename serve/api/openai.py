@@ -8,8 +8,9 @@ shape ``{"error": {"message", "type", "param", "code"}}``. What we accept, and w
   the same checks as a base64 source (10 MB, JPEG/PNG/WEBP sniffed from the content, pixel limits).
 * ``prompt`` (required; the text policy of every API, ``inference.text_policy``: up to 2000
   characters, valid Unicode, no control characters but tab and line breaks), ``model`` (one of
-  ``GET /v1/models``; default: the first configured). OpenAI's model names (``dall-e-2``,
-  ``gpt-image-1``) are NOT aliased: an unknown model is a 400 ``model_not_found`` that lists ours.
+  ``GET /v1/models``, or a client-facing alias from ``openai.model_aliases`` such as ``gpt-image-1``;
+  default: the first configured). An unknown name is a 400 ``model_not_found`` listing ours and the
+  aliases.
 * ``n`` 1-4 (default 1, the REST spec's bound), ``response_format`` ``url`` (default; presigned, they
   expire) or ``b64_json`` (PNG bytes), ``size`` ``WxH`` with each side 1-2048 or ``auto``/absent for
   the source size; sides are rounded to multiples of 8 (``inference.images.output_size``).
@@ -33,10 +34,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
-from inference.errors import ImageTooLargeError, InvalidInputError
+from inference.errors import ImageTooLargeError, InvalidInputError, UnknownModelError
 from inference.images import MAX_OUTPUT_SIDE
 from serve.api.calls import to_call
-from serve.api.deps import ServiceDep, TenantDep
+from serve.api.deps import ModelAliasesDep, ServiceDep, TenantDep
 from serve.api.errors import ApiError, Dialect, error_responses, validation_summary
 from serve.api.text_policy import NameText, PromptText
 from serve.errors import AuthError, PlanLimitError, RateLimitedError
@@ -173,6 +174,17 @@ async def _source_data_url(form: ImageEditForm, service: GenerationService) -> s
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
+def resolve_alias(model: str | None, aliases: Mapping[str, str], service: GenerationService) -> str | None:
+    """A client-facing name (``gpt-image-1``) → the served model it stands for; our own ids pass
+    through. An unknown name is a 400 ``model_not_found`` listing our ids and the aliases."""
+    if not model or model in service.registry.ids:
+        return model or None
+    if model in aliases:
+        return aliases[model]
+    names = [*service.registry.ids, *aliases]
+    raise UnknownModelError(f"unknown model {model!r}; available models: {', '.join(names)}", param="model")
+
+
 async def _image_data(
     done: CompletedCall, response_format: str, service: GenerationService
 ) -> list[ImageData]:
@@ -187,11 +199,13 @@ async def create_image_edit(
     form: Annotated[ImageEditForm, Form(media_type="multipart/form-data")],
     service: ServiceDep,
     tenant: TenantDep,
+    aliases: ModelAliasesDep,
 ):
     """Edit one image by prompt (image-to-image), the OpenAI way: multipart in, URLs or base64 out."""
     width, height = parse_size(form.size)
     image = await _source_data_url(form, service)
-    call = to_call(form, tenant, image, renames={"n": "num_images"}, width=width, height=height)
+    model = resolve_alias(form.model, aliases, service)
+    call = to_call(form, tenant, image, renames={"n": "num_images"}, width=width, height=height, model=model)
     done = await service.run(call)
     return ImagesResponse(
         created=int(done.call.created_at.timestamp()),

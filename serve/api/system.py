@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-from serve.api.deps import ServiceDep, TenantDep
+from serve.api.deps import ModelAliasesDep, ServiceDep, TenantDep
 from serve.api.errors import ApiError, error_responses
 from serve.storage.objects import content_type_for
 
@@ -73,8 +73,14 @@ async def readyz(service: ServiceDep) -> JSONResponse:
 
 
 @router.get("/v1/models", responses=error_responses(statuses=(401, 500)))
-async def list_models(service: ServiceDep, _: TenantDep) -> dict[str, Any]:
-    return {"data": [spec.describe() for spec in service.registry.specs]}
+async def list_models(service: ServiceDep, _: TenantDep, aliases: ModelAliasesDep) -> dict[str, Any]:
+    """Every served model; ``aliases`` names the OpenAI client names that reach it."""
+    return {
+        "data": [
+            {**spec.describe(), "aliases": sorted(a for a, target in aliases.items() if target == spec.id)}
+            for spec in service.registry.specs
+        ]
+    }
 
 
 @router.get("/files/{key:path}", include_in_schema=False)

@@ -49,6 +49,7 @@ class Ingress:
         self._jobs = coordinator_client(coordinator)
         self._bucket_ready = getattr(self._wired.store, "ensure_bucket", None)
         self._cors = args.cors
+        self._model_aliases = dict(args.openai.model_aliases)
         logger.info("ingress ready: models %s, storage %s", ", ".join(args.registry().ids), args.storage.kind)
 
     def __serve_build_asgi_app__(self):
@@ -57,6 +58,7 @@ class Ingress:
         app.state.jobs = self._jobs
         app.state.job_store = self._wired.records
         app.state.tenants = self._wired.tenants
+        app.state.model_aliases = self._model_aliases
         app.state.usage = self._wired.limits
         app.state.metrics = IngressMetrics()
         return app

@@ -86,6 +86,8 @@ def _stack_args(model_dir: Path, bucket: str) -> dict:
         "fetch": {"allow_networks": ["127.0.0.1/32"]},
         "webhooks": {"max_attempts": 4, "first_delay_s": 0.2, "timeout_s": 5},
         "request_timeout_s": 120,
+        # OpenAI code that names OpenAI's models runs unchanged (test_openai_client.py).
+        "openai": {"model_aliases": {"gpt-image-1": "tiny-sd", "dall-e-2": "tiny-sd"}},
     }
 
 

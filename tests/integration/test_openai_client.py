@@ -102,3 +102,23 @@ def test_a_wrong_key_raises_authentication_error(stack):
     with wrong, pytest.raises(openai.AuthenticationError) as raised:
         wrong.images.edit(image=("s.png", _png(), "image/png"), prompt="x")
     assert raised.value.status_code == 401 and raised.value.code == "invalid_api_key"
+
+
+def test_openai_model_names_reach_the_model_they_alias(client):
+    for name in ("gpt-image-1", "dall-e-2"):
+        result = client.images.edit(
+            image=("source.png", _png(), "image/png"),
+            model=name,
+            prompt="a red barn",
+            response_format="b64_json",
+            extra_body={"steps": 2, "seed": 5},
+        )
+        assert Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))).size == (64, 64)
+
+
+def test_an_unknown_openai_model_is_a_400_naming_ours_and_the_aliases(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.images.edit(image=("source.png", _png(), "image/png"), model="dall-e-3", prompt="x")
+    error = refused.value.body
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert all(name in error["message"] for name in ("tiny-sd", "gpt-image-1", "dall-e-2"))

@@ -212,3 +212,13 @@ def test_unknown_path_under_images_answers_in_openai_shape(client):
 def test_other_apis_keep_their_own_error_shape(client):
     response = client.post("/v1/image-to-image", json={}, headers=AUTH)
     assert response.status_code == 400 and {"code", "message", "details"} <= set(response.json()["error"])
+
+
+def test_configured_aliases_reach_their_model_and_are_listed(app, client, backend):
+    app.state.model_aliases = {"gpt-image-1": MODEL_IDS[1]}
+    ok(client, {"model": "gpt-image-1"})
+    assert backend.last_model == MODEL_IDS[1]
+    listed = {m["id"]: m["aliases"] for m in client.get("/v1/models", headers=AUTH).json()["data"]}
+    assert listed[MODEL_IDS[1]] == ["gpt-image-1"] and listed[MODEL_IDS[0]] == []
+    error = openai_error(post(client, {"model": "dall-e-2"}), 400, param="model")
+    assert error["code"] == "model_not_found" and "gpt-image-1" in error["message"]

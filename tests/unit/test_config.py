@@ -56,6 +56,16 @@ def _minimal(**model_changes) -> dict:
         (_minimal(optimize={"warmup_sizes": [[512, 512]]}), "needs optimize.row_buckets"),
         (_minimal(optimize={"row_buckets": [2], "warmup_sizes": [[500, 512]]}), "multiples of 8"),
         (_minimal(optimize={"cuda_graphs": True}), "unknown optimize field"),
+        (
+            _minimal() | {"openai": {"model_aliases": {"gpt-image-1": "sd15"}}},
+            "not a configured model; configured: m",
+        ),
+        (_minimal() | {"openai": {"model_aliases": {"m": "m"}}}, "already a model id"),
+        (
+            {"models": [{"spec": {"id": "m", "family": "sd", "source": "o/m", "default_steps": 20}}]},
+            "was removed",
+        ),
+        (_minimal() | {"control_plane": {"kind": "etcd"}}, "control_plane.kind"),
     ],
 )
 def test_bad_config_fails_with_a_message_naming_the_problem(args, fragment):
@@ -88,3 +98,16 @@ def test_production_optimize_blocks_bound_the_compiled_shapes():
             height, width = optimize.warmup_sizes[0]
             rows_at_size = engine.max_batch_row_area // ((height // 8) * (width // 8))
             assert optimize.max_rows >= min(rows_at_size, 2 * engine.max_batch_samples)
+
+
+def test_a_redis_control_plane_without_its_address_fails_at_start_up_with_a_teaching_error(monkeypatch):
+    from serve.config import AppArgs, Secrets
+    from serve.wiring import redis_url
+
+    monkeypatch.delenv("IMG2IMG_REDIS_URL", raising=False)
+    args = AppArgs.model_validate(_minimal() | {"control_plane": {"kind": "redis"}})
+    with pytest.raises(ValueError, match="set IMG2IMG_REDIS_URL"):
+        redis_url(args, Secrets())
+    monkeypatch.setenv("IMG2IMG_REDIS_URL", "redis://:pw@127.0.0.1:6379/0")
+    assert redis_url(args, Secrets()) == "redis://:pw@127.0.0.1:6379/0"
+    assert redis_url(AppArgs.model_validate(_minimal()), Secrets()) is None  # local: no Redis at all
