@@ -1,9 +1,10 @@
 """Signed webhook delivery: POST the final job object, retried with backoff, every attempt recorded.
 
-Signature scheme (documented in the README with a verification snippet): the receiver gets
-``Webhook-Id`` (the job id), ``Webhook-Timestamp`` (unix seconds) and
-``Webhook-Signature: v1=<hex>`` where ``hex = HMAC-SHA256(secret, f"{timestamp}." + raw body)``.
-Receivers recompute it over the raw body, reject old timestamps (replays) and check the body's
+Signature scheme: Standard Webhooks (https://www.standardwebhooks.com), signed with the
+``standardwebhooks`` package itself so any receiver's library verifies it: ``webhook-id`` (the job
+id, the same on every retry, for de-duplication), ``webhook-timestamp`` (unix seconds) and
+``webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{raw body}">``. Receivers verify with
+``Webhook(secret).verify(raw_body, headers)`` (it rejects old timestamps) and check the body's
 ``tenant`` field. Every tenant signs with its own secret (``webhook_secret_for``): one stored in the
 tenant (the admin CLI issues and rotates it), else one derived from the server key
 ``IMG2IMG_WEBHOOK_SECRET`` (``derive_webhook_secret``). The server key itself signs only when the
@@ -20,6 +21,7 @@ nothing. Attempt records carry a stable ``code`` and message; details go to the 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import ipaddress
@@ -33,6 +35,7 @@ from typing import Any
 
 import httpx
 import idna
+from standardwebhooks import Webhook
 
 from inference.errors import InvalidInputError
 from serve.observability.log_redaction import redact
@@ -40,9 +43,9 @@ from serve.outbound.fetch import FetchPolicy, check_url, pinned_client, transpor
 
 logger = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "Webhook-Signature"
-TIMESTAMP_HEADER = "Webhook-Timestamp"
-ID_HEADER = "Webhook-Id"
+SIGNATURE_HEADER = "webhook-signature"
+TIMESTAMP_HEADER = "webhook-timestamp"
+ID_HEADER = "webhook-id"
 
 
 DERIVATION_LABEL = b"img2img-webhook-secret\n"
@@ -77,32 +80,23 @@ def webhook_payload(job: dict[str, Any], tenant: str) -> dict[str, Any]:
     return {**job, "tenant": tenant}
 
 
-def sign(secret: bytes, timestamp: int, body: bytes) -> str:
-    return "v1=" + hmac.new(secret, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+def standard_secret(secret: bytes) -> str:
+    """The Standard Webhooks form (``whsec_`` + base64) of a signing secret, as receivers configure it.
+
+    Issued and derived secrets already are (issued ones in the URL-safe alphabet before this scheme:
+    the same bytes, spelled with ``-``/``_``, are mapped to ``+``/``/``). The server key itself (shared
+    mode) is arbitrary text: its bytes are base64-encoded."""
+    text = secret.decode()
+    if text.startswith("whsec_"):
+        return "whsec_" + text.removeprefix("whsec_").replace("-", "+").replace("_", "/")
+    return "whsec_" + base64.b64encode(secret).decode()
 
 
-def verify(
-    secret: bytes,
-    timestamp: str,
-    body: bytes,
-    signature: str,
-    tolerance_s: int = 300,
-    *,
-    tenant: str | None = None,
-) -> bool:
-    """The receiver's check (also used by our tests): a valid signature on a recent timestamp and,
-    given ``tenant``, a body that names that tenant."""
-    if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > tolerance_s:
-        return False
-    if not hmac.compare_digest(sign(secret, int(timestamp), body), signature):
-        return False
-    if tenant is None:
-        return True
-    try:
-        named = json.loads(body).get("tenant")
-    except (ValueError, AttributeError):
-        return False
-    return named == tenant
+def sign(secret: bytes, message_id: str, timestamp: int, body: bytes) -> str:
+    """``v1,<base64>`` over ``{id}.{timestamp}.{body}``, by the package receivers verify with."""
+    return Webhook(standard_secret(secret)).sign(
+        message_id, datetime.fromtimestamp(timestamp, UTC), body.decode()
+    )
 
 
 @dataclass(frozen=True)
@@ -193,7 +187,7 @@ async def deliver(
                 "Content-Type": "application/json",
                 ID_HEADER: event_id,
                 TIMESTAMP_HEADER: str(timestamp),
-                SIGNATURE_HEADER: sign(secret, timestamp, body),
+                SIGNATURE_HEADER: sign(secret, event_id, timestamp, body),
             }
             status, code, error = None, None, None
             try:

@@ -16,6 +16,7 @@ lose each other's change, and a malformed stored file is skipped and reported, n
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import logging
@@ -61,7 +62,7 @@ def check_tenant_name(name: object) -> str:
 
 def new_webhook_secret() -> str:
     """A fresh per-tenant webhook signing secret (shown once by the admin CLI, stored in the tenant)."""
-    return "whsec_" + secrets.token_urlsafe(32)
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()  # Standard Webhooks' form
 
 
 def new_key(tenant: str) -> str:

@@ -106,6 +106,23 @@ def rest_call(image: str, prompt: str = "p", seed: int | None = None, tenant: st
 TEST_ECHO = RequestEcho(prompt="p", strength=0.7, steps=30, guidance_scale=7.5)
 
 WEBHOOK_SECRET = b"webhook-secret-for-tests"
+
+
+def receiver_verifies(secret: str | bytes, raw: bytes, headers: dict, tenant: str | None = None) -> bool:
+    """What a receiver does, with the ``standardwebhooks`` package: verify the delivery, then check that
+    it names the receiver's tenant. ``secret`` as the receiver configures it (``whsec_...``); bytes are
+    a server key, which receivers configure in its Standard Webhooks form."""
+    from standardwebhooks import Webhook, WebhookVerificationError
+
+    from serve.jobs.webhooks import standard_secret
+
+    try:
+        payload = Webhook(secret if isinstance(secret, str) else standard_secret(secret)).verify(raw, headers)
+    except WebhookVerificationError:
+        return False
+    return tenant is None or (isinstance(payload, dict) and payload.get("tenant") == tenant)
+
+
 URL_SIGNING_KEY = b"0123456789abcdef0123"
 
 

@@ -42,6 +42,7 @@ from tests.unit.api_fakes import (
     data_url,
     download,
     image_bytes,
+    receiver_verifies,
 )
 
 URL = "/v1/image-to-image"
@@ -96,7 +97,7 @@ def test_no_key_or_secret_appears_in_any_log_record(client, app, backend, caplog
         "webhook secret": WEBHOOK_SECRET.decode(),
         "URL signing key": URL_SIGNING_KEY.decode(),
         "webhook URL token": hook_token,
-        "webhook signature": delivered_headers[webhooks.SIGNATURE_HEADER].removeprefix("v1="),
+        "webhook signature": delivered_headers[webhooks.SIGNATURE_HEADER].removeprefix("v1,"),
         **{f"output URL signature {i}": s for i, s in enumerate(_signatures(done.json()) + _signatures(job))},
     }
     formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
@@ -206,10 +207,15 @@ def test_url_and_webhook_signatures_are_compared_in_constant_time(compare_calls,
     query = parse_qs(urlsplit(asyncio.run(store.url("t/a.png", 60))).query)
     assert store.verify("t/a.png", query["expires"][0], query["signature"][0])
     assert not store.verify("t/a.png", query["expires"][0], "0" * 64)
-    timestamp = str(int(time.time()))
-    assert webhooks.verify(
-        WEBHOOK_SECRET, timestamp, b"{}", webhooks.sign(WEBHOOK_SECRET, int(timestamp), b"{}")
-    )
+    now = int(time.time())
+    headers = {
+        "webhook-id": "m",
+        "webhook-timestamp": str(now),
+        "webhook-signature": webhooks.sign(WEBHOOK_SECRET, "m", now, b"{}"),
+    }
+    assert receiver_verifies(
+        WEBHOOK_SECRET, b"{}", headers
+    )  # the standardwebhooks package, as receivers use it
     assert len(compare_calls) == 3
 
 

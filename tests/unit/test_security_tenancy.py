@@ -17,14 +17,7 @@ from pydantic import ValidationError
 
 from serve import admin
 from serve.config import AppArgs, Secrets, WebhookArgs, check_api_key, key_strength_bits
-from serve.jobs.webhooks import (
-    SIGNATURE_HEADER,
-    TIMESTAMP_HEADER,
-    derive_webhook_secret,
-    sign,
-    verify,
-    webhook_secret_for,
-)
+from serve.jobs.webhooks import derive_webhook_secret, sign, standard_secret, webhook_secret_for
 from serve.outbound.fetch import FetchPolicy
 from serve.storage.objects import ConcurrentWriteError, LocalObjectStore, object_key
 from serve.tenancy.keys import hash_key
@@ -38,6 +31,7 @@ from tests.unit.api_fakes import (
     WebhookReceiver,
     assert_error,
     data_url,
+    receiver_verifies,
 )
 
 URL = "/v1/image-to-image"
@@ -51,8 +45,8 @@ def body(**overrides):
     return {"image": data_url(64, 48), "prompt": "a harbour", "steps": 4, **overrides}
 
 
-def _deliver_one(client, app, headers) -> tuple[dict, bytes, str, str]:
-    """Submit one async job with a loopback webhook; returns (job, raw body, timestamp, signature)."""
+def _deliver_one(client, app, headers) -> tuple[dict, bytes, dict]:
+    """Submit one async job with a loopback webhook; returns (job, raw body, delivered headers)."""
     app.state.service.fetch_policy = FetchPolicy(allow_networks=("127.0.0.1/32",))
     receiver = WebhookReceiver()
     try:
@@ -63,7 +57,7 @@ def _deliver_one(client, app, headers) -> tuple[dict, bytes, str, str]:
         receiver.close()
     assert len(receiver.received) == 1, client.get(f"{URL}/{response.json()['id']}", headers=headers).json()
     sent, raw = receiver.received[0]
-    return response.json(), raw, sent[TIMESTAMP_HEADER], sent[SIGNATURE_HEADER]
+    return response.json(), raw, sent
 
 
 @pytest.fixture
@@ -80,20 +74,21 @@ def tenant_b(app, client):
 
 def test_tenant_a_delivery_does_not_verify_with_tenant_b_secret(client, app, tenant_b):
     """Both tenants lack a stored secret, so each signs with one derived from the server key."""
-    job, raw, timestamp, signature = _deliver_one(client, app, AUTH)
-    secret_a = derive_webhook_secret(WEBHOOK_SECRET, TENANT).encode()
-    secret_b = derive_webhook_secret(WEBHOOK_SECRET, "tenant-b").encode()
+    job, raw, sent = _deliver_one(client, app, AUTH)
+    secret_a = derive_webhook_secret(WEBHOOK_SECRET, TENANT)
+    secret_b = derive_webhook_secret(WEBHOOK_SECRET, "tenant-b")
     assert secret_a != secret_b
-    assert verify(secret_a, timestamp, raw, signature, tenant=TENANT)
-    assert not verify(secret_b, timestamp, raw, signature)  # B's receiver rejects A's delivery
-    assert not verify(WEBHOOK_SECRET, timestamp, raw, signature)  # the server key is not a shared secret
+    assert receiver_verifies(secret_a, raw, sent, tenant=TENANT)
+    assert not receiver_verifies(secret_b, raw, sent)  # B's receiver rejects A's delivery
+    assert not receiver_verifies(WEBHOOK_SECRET, raw, sent)  # the server key is not a shared secret
     payload = json.loads(raw)
     assert payload["tenant"] == TENANT and payload["id"] == job["id"]  # the tenant is in the signed body
-    assert not verify(secret_a, timestamp, raw, signature, tenant="tenant-b")
+    assert sent["webhook-id"] == job["id"]  # Standard Webhooks' message id: the same on every retry
+    assert not receiver_verifies(secret_a, raw, sent, tenant="tenant-b")
     # ...and B's own delivery verifies only with B's secret
-    _, raw_b, timestamp_b, signature_b = _deliver_one(client, app, AUTH_B)
-    assert verify(secret_b, timestamp_b, raw_b, signature_b, tenant="tenant-b")
-    assert not verify(secret_a, timestamp_b, raw_b, signature_b)
+    _, raw_b, sent_b = _deliver_one(client, app, AUTH_B)
+    assert receiver_verifies(secret_b, raw_b, sent_b, tenant="tenant-b")
+    assert not receiver_verifies(secret_a, raw_b, sent_b)
 
 
 def test_a_stored_tenant_secret_signs_its_deliveries(client, app):
@@ -102,9 +97,9 @@ def test_a_stored_tenant_secret_signs_its_deliveries(client, app):
     client.portal.call(TenantStore(app.state.service.store).save, tenant)
     client.portal.call(app.state.tenants.refresh)
     app.state.jobs.tenant_lookup = app.state.tenants.lookup  # as the coordinator wires it
-    _, raw, timestamp, signature = _deliver_one(client, app, AUTH)
-    assert verify(stored.encode(), timestamp, raw, signature, tenant=TENANT)
-    assert not verify(derive_webhook_secret(WEBHOOK_SECRET, TENANT).encode(), timestamp, raw, signature)
+    _, raw, sent = _deliver_one(client, app, AUTH)
+    assert receiver_verifies(standard_secret(stored.encode()), raw, sent, tenant=TENANT)
+    assert not receiver_verifies(derive_webhook_secret(WEBHOOK_SECRET, TENANT), raw, sent)
 
 
 def test_a_shared_secret_signs_only_when_the_operator_opts_in(client, app):
@@ -115,8 +110,8 @@ def test_a_shared_secret_signs_only_when_the_operator_opts_in(client, app):
         b"whsec_own-secret-1234567"
     )
     app.state.jobs.webhook_shared_secret = True
-    _, raw, timestamp, signature = _deliver_one(client, app, AUTH)
-    assert verify(WEBHOOK_SECRET, timestamp, raw, signature, tenant=TENANT)
+    _, raw, sent = _deliver_one(client, app, AUTH)
+    assert receiver_verifies(WEBHOOK_SECRET, raw, sent, tenant=TENANT)
 
 
 def test_without_any_secret_nothing_is_sent_and_the_job_says_why(client, app):
@@ -134,10 +129,17 @@ def test_without_any_secret_nothing_is_sent_and_the_job_says_why(client, app):
     assert final["webhook"]["attempts"] and "webhook secret" in json.dumps(final["webhook"]["attempts"])
 
 
-def test_verify_rejects_a_body_naming_another_tenant_or_none():
+def test_a_receiver_rejects_a_body_naming_another_tenant_or_none():
     now = int(time.time())
-    for raw in (b'{"tenant":"b"}', b"[]", b"not json"):
-        assert not verify(b"k" * 16, str(now), raw, sign(b"k" * 16, now, raw), tenant="a")
+    for raw in (b'{"tenant":"b"}', b"[]"):
+        headers = {
+            "webhook-id": "m",
+            "webhook-timestamp": str(now),
+            "webhook-signature": sign(b"k" * 16, "m", now, raw),
+        }
+        assert receiver_verifies(b"k" * 16, raw, headers) and not receiver_verifies(
+            b"k" * 16, raw, headers, tenant="a"
+        )
 
 
 # ---------------------------------------------------------------- finding 9: one tenant-name rule
@@ -454,3 +456,21 @@ def test_show_webhook_secret_points_a_config_tenant_at_its_configured_secret(tmp
     monkeypatch.setenv("IMG2IMG_WEBHOOK_SECRET", WEBHOOK_SECRET.decode())
     with pytest.raises(SystemExit, match=r"own webhook secret in .*args\.tenants"):
         admin.main(["--config", str(config), "show-webhook-secret", "gamma"])
+
+
+def test_new_webhook_secrets_are_standard_webhooks_secrets_and_old_ones_verify_respelled():
+    from standardwebhooks import Webhook
+
+    from serve.tenancy.tenants import new_webhook_secret
+
+    fresh = new_webhook_secret()
+    assert fresh.startswith("whsec_") and len(Webhook(fresh)._whsecret) == 32  # base64 of 32 random bytes
+    legacy = "whsec_" + "Ab-_" * 10 + "xyz"  # the URL-safe alphabet secrets were issued in before
+    now = int(time.time())
+    headers = {
+        "webhook-id": "m",
+        "webhook-timestamp": str(now),
+        "webhook-signature": sign(legacy.encode(), "m", now, b"{}"),
+    }
+    respelled = legacy.replace("-", "+").replace("_", "/").replace("whsec/", "whsec_")
+    assert receiver_verifies(respelled, b"{}", headers)  # the README's instruction for receivers
