@@ -10,8 +10,9 @@ import asyncio
 import json
 import logging
 import time
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
 from inference.errors import InferenceError
@@ -19,6 +20,7 @@ from serve.api.deps import CoordinatorDep, JobStoreDep, ServiceDep, TenantDep
 from serve.api.errors import ApiError, error_responses
 from serve.api.job_views import job_object
 from serve.errors import ServingError, public_fields
+from serve.jobs.records import JobState
 
 logger = logging.getLogger("serve.jobs.records")
 
@@ -88,6 +90,30 @@ class _SlotStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._give_back()
+
+
+JOB_ID = r"^img_[0-9A-Za-z]{22}$"
+
+
+@router.get("")
+async def list_jobs(
+    service: ServiceDep,
+    tenant: TenantDep,
+    job_store: JobStoreDep,
+    status: Annotated[JobState | None, Query(description="only jobs in this state")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(pattern=JOB_ID, description="next_after of the previous page")] = None,
+) -> dict:
+    """The caller's jobs, newest first, ``limit`` at a time; pass a page's ``next_after`` as ``after``
+    for the next (older) page. Synchronous calls are listed too (their records are kept)."""
+    records, more = await job_store.newest(tenant, limit, before=after, status=status)
+    data = [await job_object(record, service.store, service.url_expiry_s) for record in records]
+    return {
+        "object": "list",
+        "data": data,
+        "has_more": more,
+        "next_after": records[-1].id if more else None,
+    }
 
 
 async def _load(job_store, tenant: str, job_id: str):

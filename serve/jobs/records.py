@@ -274,6 +274,28 @@ class JobStore:
             return None
         return JobRecord.model_validate_json(data)
 
+    async def newest(
+        self, tenant: str, limit: int, before: str | None = None, status: JobState | None = None
+    ) -> tuple[list[JobRecord], bool]:
+        """The tenant's jobs, newest first (ids are time-ordered), older than job id ``before``, only
+        those in ``status`` if given: up to ``limit`` records, and whether more follow. Only the
+        tenant's own prefix is listed: another tenant's jobs cannot appear."""
+        prefix = f"{tenant}/jobs/"
+        ids = [
+            key[len(prefix) : -len(".json")] for key in await self.store.list(prefix) if key.endswith(".json")
+        ]
+        page: list[JobRecord] = []
+        for job_id in sorted(ids, reverse=True):
+            if before is not None and job_id >= before:
+                continue
+            record = await self.load(tenant, job_id)
+            if record is None or (status is not None and record.status is not status):
+                continue
+            if len(page) == limit:
+                return page, True
+            page.append(record)
+        return page, False
+
     async def pending(self) -> list[tuple[str, str]]:
         """(tenant, job id) of every job not finished, oldest key first."""
         keys = await self.store.list("_pending/")
