@@ -47,6 +47,8 @@ async def job_object(record: JobRecord, store: ObjectStore, expiry_s: int) -> di
         },
         "warnings": record.warnings,
     }
+    if record.usage is not None:
+        body["usage"] = record.usage
     if record.error is not None:
         body["error"] = record.error.public()
     if record.webhook is not None:

@@ -84,7 +84,8 @@ async def image_to_image_node(body: ImageToImageNodeInput, service: ServiceDep, 
     call = to_call(body, tenant, body.source_image, renames={"batch_size": "num_images"})
     done = await service.run(call)
     return ImageToImageNodeOutput(
-        images=[image.url for image in done.images], warnings=list(done.warnings) or None
+        images=[image.url for image in done.images],
+        warnings=list(done.warnings) or None,
     )
 
 

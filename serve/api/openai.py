@@ -141,6 +141,9 @@ class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
     warnings: list[str] | None = None
+    #: What this edit used: images, denoising steps, model_seconds and, with plan prices, cost (OpenAI's
+    #: token counts have no meaning for a diffusion model, so its usage fields are ours).
+    usage: dict[str, Any] | None = None
 
 
 async def _source_data_url(form: ImageEditForm, service: GenerationService) -> str:
@@ -211,6 +214,7 @@ async def create_image_edit(
         created=int(done.call.created_at.timestamp()),
         data=await _image_data(done, form.response_format, service),
         warnings=list(done.warnings) or None,
+        usage=done.usage_report(service.prices(tenant)),
     )
 
 

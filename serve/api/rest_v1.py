@@ -80,6 +80,9 @@ class ImageToImageResponse(BaseModel):
     original_image: ImageInfo
     images: list[ImageInfo]
     warnings: list[str] = []
+    usage: dict[str, Any] | None = Field(
+        None, description="images, denoising steps, model_seconds and, with plan prices, cost"
+    )
 
     @field_serializer("created_at", "completed_at")
     def _utc(self, value: datetime | None) -> str | None:
@@ -102,7 +105,7 @@ def to_echo(body: ImageToImageRequest) -> RequestEcho:
     return RequestEcho(**body.model_dump(include=set(RequestEcho.model_fields)))
 
 
-def to_response(body: ImageToImageRequest, done: CompletedCall) -> ImageToImageResponse:
+def to_response(body: ImageToImageRequest, done: CompletedCall, usage: dict | None) -> ImageToImageResponse:
     return ImageToImageResponse(
         id=done.call.id,
         status="completed",
@@ -119,6 +122,7 @@ def to_response(body: ImageToImageRequest, done: CompletedCall) -> ImageToImageR
         original_image=ImageInfo(**vars(done.source)),
         images=[ImageInfo(**vars(image)) for image in done.images],
         warnings=list(done.warnings),
+        usage=usage,
     )
 
 
@@ -148,7 +152,7 @@ async def image_to_image(
     )
     submitted = await submissions.submit(call, to_echo(body), how)
     if submitted.done is not None:
-        return to_response(body, submitted.done)
+        return to_response(body, submitted.done, submitted.record.usage)
     headers = {"Location": f"/v1/image-to-image/{submitted.record.id}"}
     body_out = await job_object(submitted.record, service.store, service.url_expiry_s)
     return JSONResponse(body_out, 200 if submitted.finished else 202, headers)

@@ -10,6 +10,7 @@ from pydantic import BeforeValidator
 
 from serve.api.deps import TenantDep
 from serve.api.errors import ApiError, error_responses
+from serve.generation.calls import usage_report
 
 router = APIRouter(prefix="/v1", tags=["usage"], responses=error_responses())
 
@@ -47,15 +48,19 @@ def get_usage(request: Request):
 
 @router.get("/usage")
 async def usage(
+    request: Request,
     tenant: TenantDep,
     meter: Annotated[Any, Depends(get_usage)],
     start: Annotated[IsoDateTime | None, Query(description="ISO 8601; default: 24 hours ago")] = None,
     end: Annotated[IsoDateTime | None, Query(description="ISO 8601; default: now")] = None,
 ) -> dict[str, Any]:
-    """Requests, images, denoising steps and compute seconds (share of batched UNet time)."""
+    """Requests, images, denoising steps and compute seconds (share of batched UNet time), the same
+    figures every job carries (``model_seconds`` = compute seconds) and, with plan prices, their cost."""
     end = (end or datetime.now(UTC)).astimezone(UTC)
     start = (start or end - timedelta(hours=24)).astimezone(UTC)
     if start > end or end - start > MAX_RANGE:
         raise ApiError(400, "invalid_parameter", "start must precede end, by at most 31 days", param="start")
     totals = await meter.usage(tenant, start, end)
-    return {"tenant": tenant, "start": start.isoformat(), "end": end.isoformat(), **totals}
+    found = request.app.state.tenants.lookup(tenant)
+    report = usage_report(totals, found.prices if found is not None else None)
+    return {"tenant": tenant, "start": start.isoformat(), "end": end.isoformat(), **totals, **report}

@@ -6,13 +6,16 @@ Why "call" and not "job": a job is the durable record of an asynchronous or idem
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from inference.images import SourceImage
 from inference.models import ModelSpec
 from inference.types import GenerationParams
 from serve.storage.objects import new_job_id
+from serve.tenancy.tenants import Prices
 
 
 @dataclass(frozen=True)
@@ -86,3 +89,20 @@ class CompletedCall:
             "steps": self.unet_steps,
             "compute_seconds": self.compute_s,
         }
+
+    def usage_report(self, prices: Prices | None) -> dict[str, Any]:
+        """What the caller is shown: images, denoising steps, model-seconds (this call's measured share
+        of the batched model calls it joined) and, when the plan has prices, what it cost."""
+        return usage_report(self.usage(), prices)
+
+
+def usage_report(usage: Mapping[str, float], prices: Prices | None) -> dict[str, Any]:
+    """The public figures of a call's (or a period's) usage, the same shape everywhere."""
+    report: dict[str, Any] = {
+        "images": int(usage.get("images", 0)),
+        "steps": int(usage.get("steps", 0)),
+        "model_seconds": round(float(usage.get("compute_seconds", 0.0)), 6),
+    }
+    if prices is not None:
+        report["cost"] = prices.cost(usage)
+    return report

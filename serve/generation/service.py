@@ -36,7 +36,7 @@ from serve.generation.calls import CompletedCall, GenerationCall, PreparedCall, 
 from serve.outbound.fetch import FetchPolicy, fetch_image
 from serve.storage.objects import ObjectStore, object_key
 from serve.tenancy.governor import Limits
-from serve.tenancy.tenants import Tenant
+from serve.tenancy.tenants import Prices, Tenant
 
 ProgressCallback = Callable[[Progress], Awaitable[None]]
 
@@ -172,6 +172,11 @@ class GenerationService:
             raise PlanLimitError(
                 f"at most {tenant.max_images_per_request} images per request in your plan", param="num_images"
             )
+
+    def prices(self, tenant: str) -> Prices | None:
+        """The tenant's plan prices, if it has any (jobs and usage then carry a cost)."""
+        found = self.tenant_lookup(tenant)
+        return found.prices if found is not None else None
 
     async def release(self, call: GenerationCall, done: CompletedCall | None) -> None:
         """The call ended (``done`` None: it failed or was canceled): free its slot, meter its usage."""

@@ -112,6 +112,7 @@ class JobRecord(BaseModel):
     run_attempts: int = 0
     cancel_requested: bool = False
     lease_token: int = 0  # the fencing token of the runner that last wrote it (serve.jobs.leases)
+    usage: dict[str, Any] | None = None  # CompletedCall.usage_report: images, steps, model-seconds, cost
 
     def touch(self) -> JobRecord:
         self.updated_at = datetime.now(UTC)
@@ -156,7 +157,9 @@ def new_record(prepared: PreparedCall, echo: RequestEcho, webhook_url: str | Non
     )
 
 
-def completed_record(done: CompletedCall, echo: RequestEcho) -> JobRecord:
+def completed_record(
+    done: CompletedCall, echo: RequestEcho, usage: dict[str, Any] | None = None
+) -> JobRecord:
     """The record of a call that ran synchronously, so GET /v1/image-to-image/{id} finds it too."""
     call = done.call
     return JobRecord(
@@ -175,6 +178,7 @@ def completed_record(done: CompletedCall, echo: RequestEcho) -> JobRecord:
         source_key=done.source.key or "",
         images=[_output(image) for image in done.images],
         warnings=list(done.warnings),
+        usage=usage,
     )
 
 

@@ -312,6 +312,7 @@ class JobRunner:
                 return
             record.images = [StoredOutput(key=i.key, width=i.width, height=i.height) for i in done.images]
             record.warnings = list(done.warnings)
+            record.usage = done.usage_report(self.service.prices(record.tenant))
             record.steps_done = record.steps_total = max(record.steps_total, record.steps_done)
             await self._finish(record, JobState.COMPLETED, done)
             return

@@ -80,7 +80,8 @@ class Submissions:
     async def submit(self, call: GenerationCall, echo: RequestEcho, how: Durability) -> Submitted:
         if not how.durable:
             done = await self.service.run(call)
-            record = completed_record(done, echo.model_copy(update=_ran_with(done)))
+            usage = done.usage_report(self.service.prices(call.tenant))
+            record = completed_record(done, echo.model_copy(update=_ran_with(done)), usage)
             await self.records.save(record)
             return Submitted(record, done)
         job_id = await self._accept(call, echo, how)

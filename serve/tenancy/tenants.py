@@ -25,6 +25,7 @@ import re
 import secrets
 import sys
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -70,6 +71,26 @@ def new_key(tenant: str) -> str:
     return f"sk-{tenant}-{secrets.token_urlsafe(24)}"
 
 
+class Prices(BaseModel):
+    """What a plan charges: per image, per denoising step and per model-second (the job's measured
+    share of batched model time), in one currency. Every job and ``/v1/usage`` then carry a ``cost``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    currency: str = Field("USD", pattern=r"^[A-Z]{3}$", description="ISO 4217 code")
+    per_image: float = Field(0.0, ge=0)
+    per_step: float = Field(0.0, ge=0)
+    per_model_second: float = Field(0.0, ge=0)
+
+    def cost(self, usage: Mapping[str, float]) -> dict[str, Any]:
+        amount = (
+            self.per_image * usage.get("images", 0.0)
+            + self.per_step * usage.get("steps", 0.0)
+            + self.per_model_second * usage.get("compute_seconds", 0.0)
+        )
+        return {"amount": round(amount, 6), "currency": self.currency}
+
+
 class Tenant(BaseModel):
     """One customer. Persisted as JSON (so ``webhook_secret`` stays a plain string), yet never printed:
     the secret is left out of ``repr`` and validation errors do not echo inputs (a plain key pasted
@@ -87,6 +108,7 @@ class Tenant(BaseModel):
         None, min_length=16, repr=False, description="signs this tenant's webhooks"
     )
     retention_days: int = Field(30, ge=1, le=3650)
+    prices: Prices | None = Field(None, description="what the plan charges; None: no cost is reported")
 
     @field_validator("name")
     @classmethod

@@ -47,6 +47,8 @@ def test_edit_returns_urls_of_pngs_of_the_requested_size(client, stack):
     )
     assert abs(result.created - time.time()) < 300
     assert len(result.data) == 2
+    assert (result.usage.images, result.usage.steps) == (2, 12)  # what the edit used, through the client
+    assert result.usage.model_seconds > 0
     images = []
     for item in result.data:
         assert item.b64_json is None and stack.s3.endpoint in item.url

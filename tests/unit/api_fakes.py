@@ -78,6 +78,7 @@ class FakeBackend:
             unet_steps=request.steps * request.num_images,
             queue_wait_s=0.0,
             run_s=0.01,
+            compute_s=0.25 * request.num_images,  # its share of the batched model time
             warnings=self.warnings,
         )
 

@@ -52,7 +52,7 @@ def openai_error(response, status: int, *, param: str | None = None, kind="inval
 def test_url_response_links_pngs_of_the_source_size(client, backend):
     before = int(time.time())
     body = ok(client)
-    assert set(body) == {"created", "data"}
+    assert set(body) == {"created", "data", "usage"}  # usage: what the edit used (test_job_cost.py)
     assert before - 1 <= body["created"] <= time.time() + 1
     assert len(body["data"]) == 1 and set(body["data"][0]) == {"url"}
     image = decode(download(client, body["data"][0]["url"]))
