@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import time
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -21,6 +22,8 @@ from serve.api.errors import ApiError, error_responses
 from serve.api.job_views import job_object
 from serve.errors import ServingError, public_fields
 from serve.jobs.records import JobState
+from serve.jobs.retention import expired
+from serve.storage.objects import job_id_time
 
 logger = logging.getLogger("serve.jobs.records")
 
@@ -116,25 +119,45 @@ async def list_jobs(
     }
 
 
-async def _load(job_store, tenant: str, job_id: str):
+async def _load(request: Request, job_store, tenant: str, job_id: str):
+    """The tenant's record; 410 for a job its retention deleted (the id says when it was made),
+    404 for one that never was (or is another tenant's: the same answer)."""
     record = await job_store.load(tenant, job_id)
-    if record is None:
-        raise ApiError(404, "not_found", f"no job {job_id!r}", param="id")
-    return record
+    if record is not None:
+        return record
+    owner = request.app.state.tenants.lookup(tenant)
+    if owner is not None and expired(job_id_time(job_id), owner.retention_days, datetime.now(UTC)):
+        raise ApiError(
+            410,
+            "expired",
+            f"job {job_id!r} is older than your {owner.retention_days}-day retention; "
+            "its record and images were deleted",
+            param="id",
+        )
+    raise ApiError(404, "not_found", f"no job {job_id!r}", param="id")
 
 
 @router.get("/{job_id}")
-async def get_job(job_id: str, service: ServiceDep, tenant: TenantDep, job_store: JobStoreDep) -> dict:
+async def get_job(
+    job_id: str, request: Request, service: ServiceDep, tenant: TenantDep, job_store: JobStoreDep
+) -> dict:
     """The job object in any state: queued, processing (with progress), completed, failed, canceled."""
-    return await job_object(await _load(job_store, tenant, job_id), service.store, service.url_expiry_s)
+    return await job_object(
+        await _load(request, job_store, tenant, job_id), service.store, service.url_expiry_s
+    )
 
 
 @router.delete("/{job_id}")
 async def cancel_job(
-    job_id: str, service: ServiceDep, tenant: TenantDep, jobs: CoordinatorDep, job_store: JobStoreDep
+    job_id: str,
+    request: Request,
+    service: ServiceDep,
+    tenant: TenantDep,
+    jobs: CoordinatorDep,
+    job_store: JobStoreDep,
 ):
     """Cancel: a queued job never runs; a running one leaves the engine at its next denoising step."""
-    await _load(job_store, tenant, job_id)
+    await _load(request, job_store, tenant, job_id)
     record = await jobs.cancel(tenant, job_id)
     return await job_object(record, service.store, service.url_expiry_s)
 
@@ -151,7 +174,7 @@ async def job_events(
 
     At most ``EVENTS_PER_TENANT`` streams per tenant at once (429 beyond); the record is polled less
     often while it does not change."""
-    await _load(job_store, tenant, job_id)
+    await _load(request, job_store, tenant, job_id)
     slots = _slots(request.app)
     slots.take(tenant, getattr(request.app.state, "event_streams_per_tenant", EVENTS_PER_TENANT))
 

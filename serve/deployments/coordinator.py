@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from ray.serve.handle import DeploymentHandle
 
 from serve.api.job_views import job_renderer
 from serve.config import AppArgs, Secrets
 from serve.deployments.handles import RayModelBackend, governor_client
+from serve.jobs.retention import RetentionSweeper
 from serve.jobs.runner import JobRunner
 from serve.jobs.webhooks import WebhookPolicy
 from serve.observability.log_redaction import redact_library_logs
 from serve.wiring import leases, wire
 
 logger = logging.getLogger(__name__)
+
+RETENTION_SWEEP_INTERVAL_S = 600.0  # each sweep deletes a bounded batch; a backlog drains over several
 
 
 class JobCoordinator(JobRunner):
@@ -36,6 +40,8 @@ class JobCoordinator(JobRunner):
         wired = wire(args, secrets, backend, governor_client(governor) if governor else None)
         self._tenants = wired.tenants
         self._watcher: asyncio.Task | None = None
+        self._retention = RetentionSweeper(wired.store, wired.tenants.all)
+        self._next_sweep = 0.0
         webhook_secret = (
             secrets.webhook_secret.get_secret_value().encode() if secrets.webhook_secret else None
         )
@@ -61,5 +67,11 @@ class JobCoordinator(JobRunner):
             await self.resume()
         except Exception as error:  # storage down: the next health check tries again
             logger.warning("could not resume jobs yet: %s", error)
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + RETENTION_SWEEP_INTERVAL_S
+            try:
+                await self._retention.sweep()
+            except Exception as error:  # storage down: the next interval tries again
+                logger.warning("retention sweep failed: %s", error)
         if self.leases.shared and self._watcher is None:
             self._watcher = asyncio.get_running_loop().create_task(self.watch_orphans())

@@ -24,7 +24,9 @@ from urllib.parse import quote, urlsplit
 
 import urllib3
 from minio import Minio
+from minio.commonconfig import ENABLED, Filter
 from minio.error import MinioException, S3Error
+from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 
 from serve.errors import StorageUnavailableError
 
@@ -89,6 +91,20 @@ def new_job_id(now_ms: int | None = None) -> str:
         moment, digit = divmod(moment, len(_JOB_ALPHABET))
         stamp = _JOB_ALPHABET[digit] + stamp
     return "img_" + stamp + "".join(secrets.choice(_JOB_ALPHABET) for _ in range(13))
+
+
+def job_id_time(job_id: str) -> datetime | None:
+    """When a time-ordered job id was made (``new_job_id``); None for an id that is not one."""
+    stamp = job_id.removeprefix("img_")[:JOB_TIME_CHARS]
+    if not job_id.startswith("img_") or len(stamp) < JOB_TIME_CHARS or not set(stamp) <= set(_JOB_ALPHABET):
+        return None
+    millis = 0
+    for char in stamp:
+        millis = millis * len(_JOB_ALPHABET) + _JOB_ALPHABET.index(char)
+    try:
+        return datetime.fromtimestamp(millis / 1000, UTC)
+    except (OverflowError, ValueError, OSError):
+        return None
 
 
 def content_type_for(key: str) -> str:
@@ -213,6 +229,23 @@ class S3ObjectStore:
                     raise
 
         await self._call("create the bucket", ensure)
+
+    async def expire_prefixes(self, days_by_prefix: dict[str, int]) -> None:
+        """S3 lifecycle rules: objects under each prefix expire after its days, enforced by the server
+        where it enforces lifecycle (AWS S3, MinIO) in addition to the retention sweeper. The whole
+        configuration is replaced, so tenants removed since lose their rule."""
+        rules = [
+            Rule(
+                ENABLED,
+                rule_filter=Filter(prefix=prefix),
+                rule_id=f"retention-{prefix.strip('/')}"[:255],
+                expiration=Expiration(days=days),
+            )
+            for prefix, days in sorted(days_by_prefix.items())
+        ]
+        await self._call(
+            "set lifecycle rules", self._client.set_bucket_lifecycle, self.bucket, LifecycleConfig(rules)
+        )
 
     async def put(self, key: str, data: bytes, content_type: str) -> None:
         def put() -> None:

@@ -330,5 +330,9 @@ class TenantCatalog:
     def lookup(self, name: str) -> Tenant | None:
         return self.directory.get(name)
 
+    def all(self) -> list[Tenant]:
+        """Every tenant known now (configured, environment and stored)."""
+        return [self.directory.get(name) for name in self.directory.names()]
+
     def tenant_for(self, authorization: str | None) -> str:
         return self.directory.tenant_for(authorization)

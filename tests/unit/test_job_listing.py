@@ -5,6 +5,7 @@ never appear."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -64,11 +65,13 @@ def test_a_status_filter_and_bad_parameters(client, app, two_tenants):
     backend.gate = client.portal.call(asyncio.Event)
     waiting = submit(client, AUTH, "waiting", durable=True)
     try:
+        for _ in range(200):  # until the runner has picked it up (queued -> processing)
+            if client.get(f"{URL}/{waiting}", headers=AUTH).json()["status"] == "processing":
+                break
+            time.sleep(0.01)
         processing = client.get(URL, params={"status": "processing"}, headers=AUTH).json()["data"]
-        queued_or_running = {job["id"] for job in processing} | {
-            job["id"] for job in client.get(URL, params={"status": "queued"}, headers=AUTH).json()["data"]
-        }
-        assert queued_or_running == {waiting}
+        assert [job["id"] for job in processing] == [waiting]
+        assert client.get(URL, params={"status": "queued"}, headers=AUTH).json()["data"] == []
         completed = client.get(URL, params={"status": "completed"}, headers=AUTH).json()["data"]
         assert [job["id"] for job in completed] == [done]
     finally:
@@ -78,3 +81,29 @@ def test_a_status_filter_and_bad_parameters(client, app, two_tenants):
     assert_error(client.get(URL, params={"limit": 0}, headers=AUTH), 400, "invalid_parameter")
     assert_error(client.get(URL, params={"after": "../x"}, headers=AUTH), 400, "invalid_parameter")
     assert client.get(URL).status_code == 401
+
+
+def test_an_expired_job_id_is_410_and_one_that_never_was_404(client):
+    old = new_job_id(int((time.time() - 40 * 86400) * 1000))  # default retention: 30 days
+    expired = client.get(f"{URL}/{old}", headers=AUTH)
+    assert_error(expired, 410, "expired", param="id", mentions=["30-day retention"])
+    assert_error(client.get(f"{URL}/{new_job_id()}", headers=AUTH), 404, "not_found")
+    assert_error(client.delete(f"{URL}/{old}", headers=AUTH), 410, "expired")
+
+
+def test_the_local_store_sweeps_too(app, client):
+    from datetime import UTC, datetime, timedelta
+
+    from serve.jobs.retention import RetentionSweeper
+    from serve.storage.objects import object_key
+    from serve.tenancy.tenants import Tenant
+
+    store = app.state.service.store
+    made = datetime.now(UTC) - timedelta(days=40)
+    old = object_key("tenant-a", new_job_id(int(made.timestamp() * 1000)), 0, "png", now=made)
+    young = submit(client, AUTH, "kept")
+    client.portal.call(store.put, old, b"x", "image/png")
+    sweeper = RetentionSweeper(store, lambda: [Tenant(name="tenant-a", retention_days=30)])
+    assert client.portal.call(sweeper.sweep) == 1
+    assert old not in client.portal.call(store.list, "tenant-a/")
+    assert client.get(f"{URL}/{young}", headers=AUTH).status_code == 200
