@@ -129,6 +129,7 @@ def half(stack, tiny_model_dirs):
     from inference.models import Family
 
     args = _stack_args(tiny_model_dirs[Family.SD], BUCKET)
+    args.pop("openai")  # its aliases name the main application's model
     template = args["models"][0]
     args["models"] = [
         {

@@ -86,7 +86,7 @@ def test_a_list_of_one_image_is_sent_as_image_array(client):
         ({"n": 9}, "n"),
         ({"size": "big"}, "size"),
         ({"image": ("junk.png", b"definitely not a png", "image/png")}, "image"),
-        ({"model": "dall-e-2"}, "model"),
+        ({"model": "dall-e-3"}, "model"),  # dall-e-2 and gpt-image-1 are aliases of the served model
         ({"mask": ("mask.png", _png(), "image/png")}, "mask"),
     ],
 )
