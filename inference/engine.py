@@ -336,10 +336,12 @@ class StepBatchingEngine:
     def _next_candidate(self, blocked: set[tuple[int, int]], taken: dict[int, int]) -> _RequestState | None:
         """The request whose next sample is admitted next.
 
-        ``fifo``: the oldest waiting request. ``fair``: the oldest waiting request of the tenant that
-        has received the least denoising work (rows × latent area × steps), so a tenant with a deep
-        backlog cannot starve one that just arrived. A request never overtakes an older one of the
-        same bucket that did not fit (``blocked``), which keeps order within a bucket.
+        Priority first: a request of a higher lane (``GenerationRequest.priority``) is admitted before
+        any of a lower one. Within a lane, ``fifo``: the oldest waiting request; ``fair``: the oldest
+        waiting request of the tenant that has received the least denoising work (rows × latent area ×
+        steps), so a tenant with a deep backlog cannot starve one that just arrived. A request never
+        overtakes an older one of the same bucket that did not fit (``blocked``), which keeps order
+        within a bucket.
         """
         candidates = [
             state
@@ -349,8 +351,11 @@ class StepBatchingEngine:
         if not candidates:
             return None
         if self.config.admission == "fifo":
-            return candidates[0]
-        return min(candidates, key=lambda st: (self._served.get(st.request.tenant, 0.0), st.order))
+            return min(candidates, key=lambda st: (st.request.priority, st.order))
+        return min(
+            candidates,
+            key=lambda st: (st.request.priority, self._served.get(st.request.tenant, 0.0), st.order),
+        )
 
     def _charge(self, state: _RequestState, rows: int) -> None:
         area = (state.bucket[0] // self._vae_scale) * (state.bucket[1] // self._vae_scale)

@@ -69,6 +69,9 @@ class GenerationRequest(GenerationParams):
     image_guidance_scale: float
     exact: bool = False
     tenant: str = "default"
+    #: Admission lane: 0 high, 1 normal, 2 low. The engine admits a higher lane first, and is fair
+    #: between tenants within a lane (``EngineConfig.admission``).
+    priority: int = 1
 
     def __post_init__(self) -> None:
         if (self.width, self.height) == (0, 0):

@@ -41,6 +41,7 @@ def to_call(
     *,
     renames: Mapping[str, str] = {},
     model: str | None = None,
+    priority: str | None = None,
     **computed: Any,
 ) -> GenerationCall:
     """The call ``body`` asks for; ``renames`` maps this API's field names to ours, ``computed`` gives
@@ -57,4 +58,5 @@ def to_call(
         model=model or getattr(body, "model", None) or None,
         output_format=getattr(body, "output_format", "png"),
         explicitly_set=explicit_choices(body),
+        priority=priority,
     )

@@ -3,9 +3,9 @@ caller's tenant, all read from ``app.state`` (filled by ``serve.wiring`` or, in 
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 
 from serve.generation.service import GenerationService
 from serve.jobs.records import JobStore
@@ -39,7 +39,17 @@ def get_model_aliases(request: Request) -> dict[str, str]:
     return getattr(request.app.state, "model_aliases", {})
 
 
+def get_priority(
+    x_priority: Annotated[
+        Literal["low", "normal", "high"] | None,
+        Header(description="lower this call's admission lane below the plan's (never above it)"),
+    ] = None,
+) -> str | None:
+    return x_priority
+
+
 ServiceDep = Annotated[GenerationService, Depends(get_service)]
+PriorityDep = Annotated[str | None, Depends(get_priority)]
 ModelAliasesDep = Annotated[dict[str, str], Depends(get_model_aliases)]
 CoordinatorDep = Annotated[Coordinator, Depends(get_coordinator)]
 SubmissionsDep = Annotated[Submissions, Depends(get_submissions)]

@@ -28,7 +28,7 @@ from inference.errors import (
 from inference.images import MAX_OUTPUT_SIDE
 from inference.types import MAX_SEED
 from serve.api.calls import to_call
-from serve.api.deps import ServiceDep, TenantDep
+from serve.api.deps import PriorityDep, ServiceDep, TenantDep
 from serve.api.errors import ApiError, Dialect, error_responses
 from serve.api.text_policy import NameText, PromptText
 from serve.errors import AuthError, PlanLimitError
@@ -79,9 +79,11 @@ class ImageToImageNodeOutput(BaseModel):
 
 
 @router.post("/image_to_image", response_model=ImageToImageNodeOutput, response_model_exclude_none=True)
-async def image_to_image_node(body: ImageToImageNodeInput, service: ServiceDep, tenant: TenantDep):
+async def image_to_image_node(
+    body: ImageToImageNodeInput, service: ServiceDep, tenant: TenantDep, priority: PriorityDep
+):
     """Run the node: returns the URLs of ``batch_size`` generated images."""
-    call = to_call(body, tenant, body.source_image, renames={"batch_size": "num_images"})
+    call = to_call(body, tenant, body.source_image, renames={"batch_size": "num_images"}, priority=priority)
     done = await service.run(call)
     return ImageToImageNodeOutput(
         images=[image.url for image in done.images],

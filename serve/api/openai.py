@@ -37,7 +37,7 @@ from pydantic_core import PydanticCustomError
 from inference.errors import ImageTooLargeError, InvalidInputError, UnknownModelError
 from inference.images import MAX_OUTPUT_SIDE
 from serve.api.calls import to_call
-from serve.api.deps import ModelAliasesDep, ServiceDep, TenantDep
+from serve.api.deps import ModelAliasesDep, PriorityDep, ServiceDep, TenantDep
 from serve.api.errors import ApiError, Dialect, error_responses, validation_summary
 from serve.api.text_policy import NameText, PromptText
 from serve.errors import AuthError, PlanLimitError, RateLimitedError
@@ -203,12 +203,22 @@ async def create_image_edit(
     service: ServiceDep,
     tenant: TenantDep,
     aliases: ModelAliasesDep,
+    priority: PriorityDep,
 ):
     """Edit one image by prompt (image-to-image), the OpenAI way: multipart in, URLs or base64 out."""
     width, height = parse_size(form.size)
     image = await _source_data_url(form, service)
     model = resolve_alias(form.model, aliases, service)
-    call = to_call(form, tenant, image, renames={"n": "num_images"}, width=width, height=height, model=model)
+    call = to_call(
+        form,
+        tenant,
+        image,
+        renames={"n": "num_images"},
+        width=width,
+        height=height,
+        model=model,
+        priority=priority,
+    )
     done = await service.run(call)
     return ImagesResponse(
         created=int(done.call.created_at.timestamp()),

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_serializer, field_validator
 
 from serve.api.calls import to_call
-from serve.api.deps import ServiceDep, SubmissionsDep, TenantDep
+from serve.api.deps import PriorityDep, ServiceDep, SubmissionsDep, TenantDep
 from serve.api.errors import Dialect, error_responses
 from serve.api.job_views import job_object
 from serve.api.styles import STYLES, resolve_style
@@ -89,14 +89,14 @@ class ImageToImageResponse(BaseModel):
         return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
 
 
-def rest_call(body: ImageToImageRequest, tenant: str) -> GenerationCall:
+def rest_call(body: ImageToImageRequest, tenant: str, priority: str | None = None) -> GenerationCall:
     """The REST request as a call: the style applied to the prompts, this spec's defaults already in
     ``body``. ``guidance_scale`` left out is the model's own (FLUX.1's 3.5), as GET /v1/models says."""
     style = resolve_style(body.style)
     prompt, negative = (
         style.apply(body.prompt, body.negative_prompt) if style else (body.prompt, body.negative_prompt)
     )
-    return to_call(body, tenant, body.image, prompt=prompt, negative_prompt=negative)
+    return to_call(body, tenant, body.image, prompt=prompt, negative_prompt=negative, priority=priority)
 
 
 def to_echo(body: ImageToImageRequest) -> RequestEcho:
@@ -136,12 +136,13 @@ async def image_to_image(
     service: ServiceDep,
     tenant: TenantDep,
     submissions: SubmissionsDep,
+    priority: PriorityDep,
     prefer: Annotated[str | None, Header()] = None,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ):
     """Transform an image. Synchronous by default; asynchronous (202 + Location) with a
     ``webhook_url`` or ``Prefer: respond-async``; idempotent with an ``Idempotency-Key``."""
-    call = rest_call(body, tenant)
+    call = rest_call(body, tenant, priority)
     webhook_url = str(body.webhook_url) if body.webhook_url is not None else None
     if webhook_url is not None:
         check_webhook_url(webhook_url, service.fetch_policy)

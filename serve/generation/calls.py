@@ -32,6 +32,7 @@ class GenerationCall:
     model: str | None = None
     output_format: str = "png"
     explicitly_set: frozenset[str] = frozenset()
+    priority: str | None = None  # the lane the caller asked for (low/normal/high); the plan caps it
     id: str = field(default_factory=new_job_id)
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 

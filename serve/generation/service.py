@@ -39,6 +39,7 @@ from serve.tenancy.governor import Limits
 from serve.tenancy.tenants import Prices, Tenant
 
 ProgressCallback = Callable[[Progress], Awaitable[None]]
+LANES = {"high": 0, "normal": 1, "low": 2}
 
 
 class ModelBackend(Protocol):
@@ -224,7 +225,15 @@ class GenerationService:
             model=spec.id,
             image=prepare_source(source, (width, height)),
             tenant=call.tenant,
+            priority=self.lane(call),
         )
+
+    def lane(self, call: GenerationCall) -> int:
+        """The engine lane of a call (0 high, 1 normal, 2 low): its plan's priority, or lower if the
+        caller asked for less; asking for more than the plan gives changes nothing."""
+        tenant = self.tenant_lookup(call.tenant)
+        plan = LANES[tenant.priority] if tenant is not None else LANES["normal"]
+        return max(plan, LANES.get(call.priority or "", plan))
 
     async def run(self, call: GenerationCall, on_progress: ProgressCallback | None = None) -> CompletedCall:
         """Prepare and execute in one go: the synchronous path."""

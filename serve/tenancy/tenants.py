@@ -25,7 +25,7 @@ import re
 import secrets
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -109,6 +109,9 @@ class Tenant(BaseModel):
     )
     retention_days: int = Field(30, ge=1, le=3650)
     prices: Prices | None = Field(None, description="what the plan charges; None: no cost is reported")
+    priority: Literal["low", "normal", "high"] = Field(
+        "normal", description="admission lane of this plan's calls; a call may lower its own, never raise it"
+    )
 
     @field_validator("name")
     @classmethod

@@ -391,3 +391,14 @@ def test_fair_admission_bounds_a_quiet_tenants_latency_under_a_10x_flood(pipes):
     assert len(latencies["fair"]) == len(latencies["fifo"]) == 4
     assert max(latencies["fair"]) <= 16, latencies
     assert max(latencies["fifo"]) >= 48, latencies
+
+
+def test_a_higher_lane_is_admitted_first(pipes):
+    engine = StepBatchingEngine(pipes[Family.SD], Family.SD, EngineConfig(max_batch_samples=1))
+    for i in range(3):
+        engine.submit(engine_request(f"low-{i}", "tiny-sd", "p", _source(), seed=i, steps=4, priority=2))
+    engine.step()  # low-0 is running; the others wait
+    engine.submit(engine_request("normal", "tiny-sd", "p", _source(), seed=7, steps=4, priority=1))
+    engine.submit(engine_request("high", "tiny-sd", "p", _source(), seed=8, steps=4, priority=0))
+    finished = [o.request_id for o in engine.run_until_idle()]
+    assert finished == ["low-0", "high", "normal", "low-1", "low-2"]

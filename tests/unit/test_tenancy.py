@@ -196,3 +196,19 @@ def test_a_full_model_queue_is_503_with_retry_after(client, backend):
     response = client.post(URL, json=body(), headers={"Authorization": "Bearer test-key-123"})
     assert_error(response, 503, "overloaded")
     assert int(response.headers["retry-after"]) >= 1
+
+
+@pytest.mark.parametrize(
+    ("plan", "asked", "lane"),
+    [("normal", None, 1), ("high", None, 0), ("high", "low", 2), ("low", "high", 2), ("normal", "normal", 1)],
+)
+def test_a_call_may_lower_its_plans_priority_never_raise_it(client, backend, acme, plan, asked, lane):
+    acme(priority=plan)
+    headers = {**HEADERS, "X-Priority": asked} if asked else HEADERS
+    assert client.post(URL, json=body(), headers=headers).status_code == 200
+    assert backend.last.priority == lane
+
+
+def test_an_unknown_priority_is_a_400(client, acme):
+    response = client.post(URL, json=body(), headers={**HEADERS, "X-Priority": "urgent"})
+    assert_error(response, 400, "invalid_parameter")
