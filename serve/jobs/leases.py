@@ -41,6 +41,12 @@ class Leases(Protocol):
 
     async def release(self, job_id: str, token: int) -> None: ...
 
+    async def above(self, job_id: str, token: int, floor: int) -> int | None:
+        """A new token above ``floor`` for the lease held with ``token`` (the stored record carries a
+        token the lease store no longer knows: Redis lost its data, or a coordinator restarted), or
+        None when the lease is no longer ours."""
+        ...
+
     async def bind_key(self, scope: str, key: str, fingerprint: str, job_id: str) -> tuple[str, str]:
         """Bind an Idempotency-Key to (fingerprint, job id) if it is free; the binding that won."""
         ...
@@ -66,6 +72,10 @@ class LocalLeases:
     async def release(self, job_id: str, token: int) -> None:
         return None
 
+    async def above(self, job_id: str, token: int, floor: int) -> int | None:
+        self._tokens[job_id] = max(self._tokens.get(job_id, 0), floor + 1)
+        return self._tokens[job_id]
+
     async def bind_key(self, scope: str, key: str, fingerprint: str, job_id: str) -> tuple[str, str]:
         async with self._lock:
             return self._keys.setdefault((scope, key), (fingerprint, job_id))
@@ -85,6 +95,14 @@ RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+#: KEYS: lease, fence. ARGV: owner, held token, floor, ttl ms. The new token, or 0 if not our lease.
+ABOVE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] .. ':' .. ARGV[2] then return 0 end
+local token = math.max(tonumber(redis.call('GET', KEYS[2]) or '0'), tonumber(ARGV[3])) + 1
+redis.call('SET', KEYS[2], token)
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. token, 'PX', ARGV[4])
+return token
+"""
 RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -101,6 +119,7 @@ class RedisLeases:
         self._claim = client.register_script(CLAIM)
         self._renew = client.register_script(RENEW)
         self._release = client.register_script(RELEASE)
+        self._above = client.register_script(ABOVE)
 
     @classmethod
     def from_url(cls, url: str, lease_s: float, owner: str | None = None) -> RedisLeases:
@@ -120,6 +139,10 @@ class RedisLeases:
 
     async def release(self, job_id: str, token: int) -> None:
         await self._release(keys=self._keys(job_id)[:1], args=[f"{self.owner}:{token}"])
+
+    async def above(self, job_id: str, token: int, floor: int) -> int | None:
+        raised = await self._above(keys=self._keys(job_id), args=[self.owner, token, floor, self.ttl_ms])
+        return int(raised) or None
 
     async def holder(self, job_id: str) -> str | None:
         """``owner:token`` of the lease, if held (tests, operators)."""

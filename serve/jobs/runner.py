@@ -209,9 +209,7 @@ class JobRunner:
                 event.set()
             return
         self._tokens[job_id] = token
-        keeper = asyncio.get_running_loop().create_task(
-            self._keep_lease(job_id, token, asyncio.current_task())
-        )
+        keeper = asyncio.get_running_loop().create_task(self._keep_lease(job_id, asyncio.current_task()))
         try:
             for _ in range(STORAGE_OUTAGE_RETRIES):
                 try:
@@ -223,22 +221,21 @@ class JobRunner:
             logger.error("job %s: storage stayed down; the job stays pending and resumes on restart", job_id)
         finally:
             keeper.cancel()
-            self._tokens.pop(job_id, None)
             self._stale.discard(job_id)
             with contextlib.suppress(Exception):
-                await self.leases.release(job_id, token)
+                await self.leases.release(job_id, self._tokens.pop(job_id, token))
             self._sources.pop(job_id, None)
             event = self._done.pop(job_id, None)
             if event is not None:
                 event.set()
 
-    async def _keep_lease(self, job_id: str, token: int, run: asyncio.Task) -> None:
+    async def _keep_lease(self, job_id: str, run: asyncio.Task) -> None:
         """Renew the lease while the job runs; if it was lost, stop the job without a word written."""
         interval = getattr(self.leases, "ttl_ms", 15_000) / 3000
         while True:
             await asyncio.sleep(interval)
             try:
-                if await self.leases.renew(job_id, token):
+                if await self.leases.renew(job_id, self._tokens[job_id]):
                     continue
             except Exception as error:  # Redis briefly away: the lease may still be ours; fencing decides
                 logger.warning("job %s: could not renew its lease: %s", job_id, error)
@@ -258,6 +255,11 @@ class JobRunner:
         try:
             if record is None or record.status.terminal:
                 return
+            if record.lease_token >= self._tokens[job_id]:  # the lease store forgot newer tokens
+                raised = await self.leases.above(job_id, self._tokens[job_id], record.lease_token)
+                if raised is None:
+                    return
+                self._tokens[job_id] = raised
             await self._save(record)  # takes the record: an older holder's next write now fails
             if record.cancel_requested:
                 await self._finish(record, JobState.CANCELED)

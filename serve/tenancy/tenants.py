@@ -153,6 +153,10 @@ class TenantDirectory:
     def merged(self, tenants: Iterable[Tenant]) -> TenantDirectory:
         return TenantDirectory([*self._by_name.values(), *tenants])
 
+    def lookup(self, name: str) -> Tenant | None:
+        """The same as ``get``: a directory answers what a ``TenantCatalog`` answers."""
+        return self.get(name)
+
     @property
     def names(self) -> list[str]:
         return sorted(self._by_name)
@@ -335,7 +339,7 @@ class TenantCatalog:
 
     def all(self) -> list[Tenant]:
         """Every tenant known now (configured, environment and stored)."""
-        return [self.directory.get(name) for name in self.directory.names()]
+        return [self.directory.get(name) for name in self.directory.names]
 
     def tenant_for(self, authorization: str | None) -> str:
         return self.directory.tenant_for(authorization)

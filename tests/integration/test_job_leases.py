@@ -111,3 +111,31 @@ def test_one_idempotency_key_sent_to_two_coordinators_at_once_makes_one_job(worl
     ids, pending = asyncio.run(scenario())
     assert ids[0] == ids[1]
     assert pending == []
+
+
+def test_a_redis_that_lost_its_data_still_fences_a_stale_holder(world, redis_server):
+    """Redis restarted without persistence: every lease and fencing counter is gone, so a new claim
+    would get token 1 again. The stored record's token wins: the new holder takes a token above it, and
+    the old holder (who still believes in its lease) cannot overwrite the result."""
+    app, url = world
+    backend = app.state.service.backend
+
+    async def scenario():
+        backend.gate = asyncio.Event()
+        a, b = coordinator(app, url, "a"), coordinator(app, url, "b")
+
+        async def believes_it_still_holds(job_id, token):
+            return True
+
+        a.leases.renew = believes_it_still_holds
+        job_id = await accepted(app, a)
+        await until(lambda: asyncio.sleep(0, bool(backend.calls)))
+        await aioredis.Redis.from_url(url).flushall()  # leases and fencing counters are lost
+        await b.resume()  # claims token 1 again, sees the stored token 1, takes 2
+        await until(lambda: asyncio.sleep(0, len(backend.calls) == 2))
+        backend.gate.set()
+        await asyncio.gather(a.drain(), b.drain())
+        return await app.state.job_store.load(TENANT, job_id)
+
+    final = asyncio.run(scenario())
+    assert (final.status, final.lease_token) == (JobState.COMPLETED, 2)

@@ -107,3 +107,10 @@ def test_the_local_store_sweeps_too(app, client):
     assert client.portal.call(sweeper.sweep) == 1
     assert old not in client.portal.call(store.list, "tenant-a/")
     assert client.get(f"{URL}/{young}", headers=AUTH).status_code == 200
+
+
+def test_the_coordinators_sweeper_sees_every_tenant(app, client):
+    """What ``JobCoordinator`` hands its ``RetentionSweeper``: every tenant of the catalog."""
+    names = {tenant.name for tenant in app.state.tenants.all()}
+    assert names == {"tenant-a"}
+    assert app.state.tenants.directory.lookup("tenant-a") is not None
