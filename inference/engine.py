@@ -142,6 +142,7 @@ class StepBatchingEngine:
         self.config = config or EngineConfig()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: list[_RequestState] = []
+        self._step_s: dict[tuple[int, int], float] = {}  # moving average of a step, per image size
         self._requests: dict[str, _RequestState] = {}
         self._active: dict[tuple[int, int], list[_Sample]] = {}
         self._served_at: dict[tuple[int, int], int] = {}
@@ -183,7 +184,41 @@ class StepBatchingEngine:
         state = self._requests.get(request_id)
         if state is None:
             return None
-        return Progress(state.steps_done, state.steps_total)
+        position = self._queue_position(state)
+        return Progress(state.steps_done, state.steps_total, position, self._eta_s(state, position))
+
+    def _admission_key(self, state: _RequestState) -> tuple:
+        """The order ``_next_candidate`` admits in (lane, then fairness or arrival)."""
+        if self.config.admission == "fifo":
+            return (state.request.priority, state.order)
+        return (state.request.priority, self._served.get(state.request.tenant, 0.0), state.order)
+
+    def _queue_position(self, state: _RequestState) -> int | None:
+        if state.admitted_at is not None:
+            return None
+        queued = [s for s in list(self._pending) if s.admitted_at is None]
+        key = self._admission_key(state)
+        return sum(1 for other in queued if other is not state and self._admission_key(other) < key)
+
+    def _remaining_steps(self, state: _RequestState) -> int:
+        """Sample-steps ``state`` still needs (all its images)."""
+        total = state.steps_total or self._sample_steps(state.request) * state.request.num_images
+        return max(0, total - state.steps_done)
+
+    def _eta_s(self, state: _RequestState, position: int | None) -> float | None:
+        step_s = self._step_s.get(state.bucket) or (min(self._step_s.values()) if self._step_s else None)
+        if step_s is None:
+            return None
+        own = -(-self._remaining_steps(state) // max(1, state.request.num_images)) * step_s
+        if position is None:
+            return own
+        key = self._admission_key(state)
+        ahead = sum(
+            self._remaining_steps(other)
+            for other in list(self._requests.values())
+            if other is not state and (other.admitted_at is not None or self._admission_key(other) < key)
+        )
+        return own + ahead / max(1, self.config.max_batch_samples) * step_s
 
     @property
     def has_work(self) -> bool:
@@ -220,6 +255,10 @@ class StepBatchingEngine:
                 self._finish(bucket, finished, outcomes)
         self._iteration += 1
         self._served_at[bucket] = self._iteration
+        step_s = time.perf_counter() - started
+        if not admitted:  # a plain denoising step: admissions (prompt and VAE encodes) are one-offs
+            previous = self._step_s.get(bucket)
+            self._step_s[bucket] = step_s if previous is None else 0.8 * previous + 0.2 * step_s
         stats = StepStats(
             bucket=bucket,
             samples=len(samples),
@@ -227,7 +266,7 @@ class StepBatchingEngine:
             admitted=admitted,
             finished=len(finished),
             unet_s=unet_s,
-            step_s=time.perf_counter() - started,
+            step_s=step_s,
             forward_s=self._step_report["forward_s"],
             unet_calls=self._step_report["calls"],
             padded_rows=self._step_report["padded_rows"],

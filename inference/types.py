@@ -91,6 +91,13 @@ class Progress:
 
     steps_done: int
     steps_total: int
+    #: Requests ahead of this one in the engine's admission order while none of its images has entered
+    #: a batch (0: next); None once it runs.
+    queue_position: int | None = None
+    #: Seconds until its last image is done, from the measured step time of its image size (None until
+    #: the engine has measured one): its own remaining steps, plus, while queued, the work ahead of it
+    #: spread over the samples one step runs at once.
+    eta_s: float | None = None
 
     @property
     def fraction(self) -> float:

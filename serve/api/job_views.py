@@ -47,6 +47,9 @@ async def job_object(record: JobRecord, store: ObjectStore, expiry_s: int) -> di
         },
         "warnings": record.warnings,
     }
+    if not record.status.terminal:
+        body["queue_position"] = record.queue_position if record.status.value == "queued" else None
+        body["eta_s"] = round(record.eta_s, 2) if record.eta_s is not None else None
     if record.usage is not None:
         body["usage"] = record.usage
     if record.error is not None:

@@ -105,6 +105,8 @@ class JobRecord(BaseModel):
     source_key: str
     steps_done: int = 0
     steps_total: int = 0
+    queue_position: int | None = None  # requests ahead in the model's engine queue while queued
+    eta_s: float | None = None  # the engine's estimate, from measured step times
     images: list[StoredOutput] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
     error: JobError | None = None

@@ -286,14 +286,19 @@ class JobRunner:
         async def on_progress(progress: Progress) -> None:
             nonlocal last_save
             record.steps_done, record.steps_total = progress.steps_done, progress.steps_total
-            if time.monotonic() - last_save >= PROGRESS_SAVE_INTERVAL_S:
+            record.queue_position, record.eta_s = progress.queue_position, progress.eta_s
+            # Queued until one of its images enters a batch (waiting in a replica's queue is queued).
+            started = record.status is JobState.QUEUED and progress.queue_position is None
+            if started:
+                record.status, record.started_at = JobState.PROCESSING, datetime.now(UTC)
+            if started or time.monotonic() - last_save >= PROGRESS_SAVE_INTERVAL_S:
                 last_save = time.monotonic()
                 await self._save(record)
                 if record.cancel_requested:  # asked of another coordinator: leave the engine now
                     raise asyncio.CancelledError
 
         while True:
-            record.status, record.started_at = JobState.PROCESSING, datetime.now(UTC)
+            record.status = JobState.QUEUED  # until the engine admits it (on_progress)
             record.run_attempts += 1
             await self._save(record)
             try:

@@ -7,6 +7,8 @@ mode, whatever else shares its UNet steps and whenever it arrives.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -402,3 +404,23 @@ def test_a_higher_lane_is_admitted_first(pipes):
     engine.submit(engine_request("high", "tiny-sd", "p", _source(), seed=8, steps=4, priority=0))
     finished = [o.request_id for o in engine.run_until_idle()]
     assert finished == ["low-0", "high", "normal", "low-1", "low-2"]
+
+
+def test_queue_position_and_eta_match_a_run_we_control(pipes):
+    """Three identical requests, one sample per step: the engine's positions are the real order, and
+    its ETA for the last one, made from measured steps, is within 50% of how long it then took."""
+    engine = StepBatchingEngine(pipes[Family.SD], Family.SD, EngineConfig(max_batch_samples=1))
+    for name in ("a", "b", "c"):
+        engine.submit(engine_request(name, "tiny-sd", "p", _source(), seed=1, steps=10, strength=1.0))
+    for _ in range(3):  # a runs; the engine measures its step time
+        engine.step()
+    positions = [engine.progress(name).queue_position for name in ("a", "b", "c")]
+    assert positions == [None, 0, 1]
+    eta = engine.progress("c").eta_s
+    started, finished = time.perf_counter(), {}
+    while engine.has_work:
+        outcomes, _ = engine.step()
+        for outcome in outcomes:
+            finished[outcome.request_id] = time.perf_counter() - started
+    assert list(finished) == ["a", "b", "c"]
+    assert 0.5 * finished["c"] <= eta <= 1.5 * finished["c"], (eta, finished["c"])

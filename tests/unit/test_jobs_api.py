@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -265,3 +266,28 @@ def test_a_job_survives_a_storage_outage_during_its_run(client, app, backend, ga
     drain(client)
     final = client.get(f"{URL}/{job['id']}", headers=AUTH).json()
     assert final["status"] == "completed" and len(final["images"]) == 1
+
+
+def test_a_job_is_queued_with_its_engine_position_and_eta_until_it_runs(client, app, backend):
+    from inference.types import Progress
+
+    hold = client.portal.call(asyncio.Event)
+    original = backend.generate
+
+    async def queued_then_run(model_id, request, on_progress=None):
+        await on_progress(Progress(0, 0, queue_position=2, eta_s=4.5))  # as the replica reports it
+        await hold.wait()
+        return await original(model_id, request, on_progress)
+
+    backend.generate = queued_then_run
+    job = submit(client)
+    for _ in range(200):
+        seen = client.get(f"{URL}/{job['id']}", headers=AUTH).json()
+        if seen.get("queue_position") is not None:
+            break
+        time.sleep(0.01)
+    assert (seen["status"], seen["queue_position"], seen["eta_s"]) == ("queued", 2, 4.5)
+    client.portal.call(hold.set)
+    drain(client)
+    done = client.get(f"{URL}/{job['id']}", headers=AUTH).json()
+    assert done["status"] == "completed" and "queue_position" not in done
