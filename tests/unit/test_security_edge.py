@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -174,6 +175,10 @@ def test_an_event_stream_whose_store_fails_mid_stream_ends_with_a_generic_error_
 ):
     backend.gate = client.portal.call(asyncio.Event)  # the job stays processing
     job = client.post(REST, json=rest_body(), headers=ASYNC).json()
+    for _ in range(500):  # the runner's own reads are done once it waits at the gate, processing
+        if client.get(f"{REST}/{job['id']}", headers=AUTH).json()["status"] == "processing":
+            break
+        time.sleep(0.01)
     real_get, reads = app.state.service.store.get, []
 
     async def fails_after_two(key):
