@@ -49,15 +49,18 @@ class RetentionSweeper:
     tenants: Callable[[], Iterable[Tenant]]
     batch: int = 1000  # deletions per sweep at most: a backlog drains over several sweeps
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    _rules_set: dict[str, int] = field(default_factory=dict, repr=False)  # last lifecycle rules applied
 
     async def sweep(self) -> int:
         """Delete up to ``batch`` expired objects across tenants; returns how many were deleted. An S3
         store also gets a lifecycle rule per tenant, so the server expires what it can by itself."""
         now, deleted, tenants = self.clock(), 0, list(self.tenants())
         expire_prefixes = getattr(self.store, "expire_prefixes", None)
-        if expire_prefixes is not None and tenants:
+        rules = {f"{t.name}/": t.retention_days for t in tenants}
+        if expire_prefixes is not None and rules and rules != self._rules_set:  # only when they change
             try:
-                await expire_prefixes({f"{t.name}/": t.retention_days for t in tenants})
+                await expire_prefixes(rules)
+                self._rules_set = rules
             except Exception as error:  # a server without lifecycle support: the sweep still enforces
                 logger.warning("could not set lifecycle rules: %s", error)
         for tenant in tenants:
