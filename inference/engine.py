@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
+import logging
 import queue
 import time
 from collections import deque
@@ -36,9 +37,12 @@ from inference.exact import install_row_chunking, row_groups
 from inference.families import ADAPTERS, Conditioning, strength_timesteps
 from inference.memory import BucketCaps, is_out_of_memory, release_cached_memory
 from inference.models import Family
+from inference.previews import LatentPreviewer
 from inference.schedulers import vectorised_step
 from inference.text_policy import check_request_text
-from inference.types import GenerationRequest, GenerationResult, Progress
+from inference.types import GenerationRequest, GenerationResult, Preview, Progress
+
+logger = logging.getLogger("inference.engine")
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,8 @@ class StepStats:
     unet_calls: int = 1
     padded_rows: int = 0
     oom_splits: int = 0
+    previews: int = 0
+    preview_s: float = 0.0  # making them (inside step_s): what watching a request costs the batch
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,7 @@ class _RequestState:
     compute_s: float = 0.0
     warnings: list[str] = field(default_factory=list)
     failed: InferenceError | None = None
+    previews: dict[int, Preview] = field(default_factory=dict)  # the newest per image, until taken
 
     @property
     def bucket(self) -> tuple[int, int]:
@@ -155,6 +162,7 @@ class StepBatchingEngine:
         step_params = inspect.signature(pipe.scheduler.step).parameters
         self._step_takes_eta = "eta" in step_params
         self._step_takes_generator = "generator" in step_params
+        self._previewer: LatentPreviewer | None = None
         install_row_chunking(self._adapter.denoiser(pipe))
 
     # ---- called from any thread ------------------------------------------------------------------
@@ -186,6 +194,15 @@ class StepBatchingEngine:
             return None
         position = self._queue_position(state)
         return Progress(state.steps_done, state.steps_total, position, self._eta_s(state, position))
+
+    def take_previews(self, request_id: str) -> tuple[Preview, ...]:
+        """The previews made for ``request_id`` since the last call (the newest per image); call it
+        between steps, from the thread that drives them or while no step runs."""
+        state = self._requests.get(request_id)
+        if state is None or not state.previews:
+            return ()
+        previews, state.previews = tuple(state.previews.values()), {}
+        return previews
 
     def _admission_key(self, state: _RequestState) -> tuple:
         """The order ``_next_candidate`` admits in (lane, then fairness or arrival)."""
@@ -250,6 +267,7 @@ class StepBatchingEngine:
             self._denoise(samples, outcomes)
             unet_s = time.perf_counter() - denoise_started
             self._attribute(samples, unet_s)
+            previews, preview_s = self._make_previews(samples, bucket)
             finished = [s for s in samples if s.done]
             if finished:
                 self._finish(bucket, finished, outcomes)
@@ -271,8 +289,41 @@ class StepBatchingEngine:
             unet_calls=self._step_report["calls"],
             padded_rows=self._step_report["padded_rows"],
             oom_splits=self._step_report["oom_splits"],
+            previews=previews,
+            preview_s=preview_s,
         )
         return outcomes, stats
+
+    def _make_previews(self, samples: list[_Sample], bucket: tuple[int, int]) -> tuple[int, float]:
+        """Previews for the running samples whose request asked for one at this step, in one batch.
+
+        A failed preview is logged and skipped: it must never cost a request its images."""
+        due = [s for s in samples if not s.done and s.state.failed is None and self._preview_due(s)]
+        if not due:
+            return 0, 0.0
+        started = time.perf_counter()
+        try:
+            images = self.previewer.render(torch.cat([s.latents for s in due]), bucket)
+        except Exception:
+            logger.exception("preview failed; the samples go on without one")
+            return 0, time.perf_counter() - started
+        for sample, image in zip(due, images, strict=True):
+            steps = len(sample.timesteps)
+            sample.state.previews[sample.index] = Preview(sample.index, sample.position, steps, image)
+        return len(due), time.perf_counter() - started
+
+    def _preview_due(self, sample: _Sample) -> bool:
+        every = sample.state.request.preview_every
+        return every > 0 and sample.position % max(every, self.config.preview_min_steps) == 0
+
+    @property
+    def previewer(self) -> LatentPreviewer:
+        """The preview maker for the configured method and size (rebuilt when they change)."""
+        method, side = self.config.preview_method, self.config.preview_max_side
+        if self._previewer is None:
+            self._previewer = LatentPreviewer(self._pipe, self._adapter, method, side)
+        self._previewer = self._previewer.configured(method, side)
+        return self._previewer
 
     def effective_caps(self) -> dict[tuple[int, int], int]:
         """Buckets whose sample cap an out-of-memory error lowered, with the cap in force now."""

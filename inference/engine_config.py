@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ADMISSION_POLICIES = ("fifo", "fair")
+#: How previews are made (``inference.previews``, which imports torch; this module must not).
+PREVIEW_METHODS = ("latent_rgb", "vae")
 
 
 @dataclass(frozen=True)
@@ -17,6 +19,9 @@ class EngineConfig:
     ``admission`` is ``fifo`` (arrival order) or ``fair`` (the tenant that has received the least
     denoising work goes first). ``exact`` runs the batch-variant GEMMs per sample (bitwise equal to the stock
     pipeline on CPU; a few percent slower). ``vectorise`` steps DDIM/Euler samples in one tensor op.
+    Previews (for requests that ask, ``inference.previews``): ``preview_method`` ``latent_rgb`` (a
+    fitted linear projection, nearly free) or ``vae`` (a real decode, about a step's cost each);
+    ``preview_max_side`` bounds their size and ``preview_min_steps`` how often one image gets one.
     """
 
     max_batch_samples: int = 8
@@ -24,6 +29,9 @@ class EngineConfig:
     admission: str = "fifo"
     exact: bool = False
     vectorise: bool = True
+    preview_method: str = "latent_rgb"
+    preview_max_side: int = 256
+    preview_min_steps: int = 1
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch_samples <= 256:
@@ -32,6 +40,12 @@ class EngineConfig:
             raise ValueError(f"max_batch_row_area = {self.max_batch_row_area} must be positive or None")
         if self.admission not in ADMISSION_POLICIES:
             raise ValueError(f"admission = {self.admission!r}; choose one of {ADMISSION_POLICIES}")
+        if self.preview_method not in PREVIEW_METHODS:
+            raise ValueError(f"preview_method = {self.preview_method!r}; choose one of {PREVIEW_METHODS}")
+        if not 16 <= self.preview_max_side <= 1024:
+            raise ValueError(f"preview_max_side = {self.preview_max_side} must be in 16..1024 pixels")
+        if self.preview_min_steps < 1:
+            raise ValueError(f"preview_min_steps = {self.preview_min_steps} must be at least 1")
 
 
 COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")

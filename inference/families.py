@@ -138,6 +138,21 @@ class _StableDiffusion:
     def unscale_latents(self, pipe, latents: torch.Tensor) -> torch.Tensor:
         return latents / pipe.vae.config.scaling_factor
 
+    def encoder_vae(self, pipe):
+        """The VAE that encodes images (SDXL's may need a float32 copy)."""
+        return pipe.vae
+
+    def image_latents(self, pipe, pixels: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] → model-space latents (the encoding's mean, scaled as the denoiser sees
+        it), spatial (N, C, h, w) for every family: what preview projections are fitted on."""
+        vae = self.encoder_vae(pipe)
+        mean = vae.encode(pixels.to(device=pipe.device, dtype=vae.dtype)).latent_dist.mean
+        return self.scale_latents(pipe, mean.to(pipe.vae.dtype))
+
+    def spatial_latents(self, pipe, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Latents as the engine holds them → (N, C, h, w); only FLUX's packed tokens differ."""
+        return latents
+
     def start_latents(self, pipe, cond: Conditioning, scheduler, timesteps, generator) -> torch.Tensor:
         """VAE sample, then noise, from the sample's own generator, in the pipeline's order."""
         dtype = cond.encoder_hidden_states.dtype
@@ -235,6 +250,9 @@ class _StableDiffusionXL(_StableDiffusion):
             time_ids = torch.cat([neg_time_ids, time_ids])
         added = {"text_embeds": pooled.to(pipe.device), "time_ids": time_ids.to(pipe.device)}
         return Conditioning(2 if cfg else 1, embeds, request.guidance_scale, added_cond=added)
+
+    def encoder_vae(self, pipe):
+        return _float32_vae(pipe) if pipe.vae.config.force_upcast else pipe.vae
 
     def encode_images(self, pipe, conds: list[Conditioning], images: torch.Tensor) -> None:
         images = images.to(device=pipe.device, dtype=conds[0].encoder_hidden_states.dtype)  # as stock
@@ -480,9 +498,11 @@ class _Flux(_FlowMatching):
             return_dict=False,
         )[0]
 
+    def spatial_latents(self, pipe, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return pipe._unpack_latents(latents, size[0], size[1], pipe.vae_scale_factor)
+
     def decode(self, pipe, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        unpacked = pipe._unpack_latents(latents, size[0], size[1], pipe.vae_scale_factor)
-        return super().decode(pipe, unpacked, size)
+        return super().decode(pipe, self.spatial_latents(pipe, latents, size), size)
 
 
 ADAPTERS = {

@@ -72,6 +72,9 @@ class GenerationRequest(GenerationParams):
     #: Admission lane: 0 high, 1 normal, 2 low. The engine admits a higher lane first, and is fair
     #: between tenants within a lane (``EngineConfig.admission``).
     priority: int = 1
+    #: A preview of each image every this many of its denoising steps (0: none); the engine enforces
+    #: its own minimum (``EngineConfig.preview_min_steps``).
+    preview_every: int = 0
 
     def __post_init__(self) -> None:
         if (self.width, self.height) == (0, 0):
@@ -83,6 +86,16 @@ class GenerationRequest(GenerationParams):
     @property
     def seeds(self) -> tuple[int, ...]:
         return image_seeds(self.seed, self.num_images)
+
+
+@dataclass(frozen=True)
+class Preview:
+    """A small picture of one image still being denoised (``inference.previews``); never stored."""
+
+    image_index: int
+    step: int  # denoising steps this image has done
+    steps: int  # of its total
+    image: Image.Image
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,8 @@ class Progress:
     #: the engine has measured one): its own remaining steps, plus, while queued, the work ahead of it
     #: spread over the samples one step runs at once.
     eta_s: float | None = None
+    #: Previews made since the last report (only for requests that asked for them).
+    previews: tuple[Preview, ...] = ()
 
     @property
     def fraction(self) -> float:
