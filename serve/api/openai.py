@@ -14,8 +14,10 @@ shape ``{"error": {"message", "type", "param", "code"}}``. What we accept, and w
 * ``n`` 1-4 (default 1, the REST spec's bound), ``response_format`` ``url`` (default; presigned, they
   expire) or ``b64_json`` (PNG bytes), ``size`` ``WxH`` with each side 1-2048 or ``auto``/absent for
   the source size; sides are rounded to multiples of 8 (``inference.images.output_size``).
-* ``mask`` is refused (400, param ``mask``): inpainting is not offered. ``stream=true`` is refused.
-  ``user`` is accepted and ignored. Any other field is a 400 ``unknown_parameter`` (as OpenAI does).
+* ``mask`` is refused (400, param ``mask``): inpainting is not offered. ``user`` is accepted and ignored.
+* ``stream=true`` answers ``text/event-stream`` in OpenAI's event shapes, with up to ``partial_images``
+  (0-3) previews of the first image first (``serve.api.openai_stream``); ``output_format``
+  png/jpeg/webp (png) applies to every image. Any other field is a 400 ``unknown_parameter`` (as OpenAI does).
 * Extensions, e.g. through the client's ``extra_body``: ``strength`` 0.1-1.0 (0.7), ``steps`` 1-50
   (30), ``guidance_scale`` (0, 20] (7.5), ``negative_prompt``, ``seed`` 0..2^32-1. The response has a
   ``warnings`` list only when a parameter was ignored by the model.
@@ -30,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Form, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
@@ -39,6 +41,7 @@ from inference.images import MAX_OUTPUT_SIDE
 from serve.api.calls import to_call
 from serve.api.deps import ModelAliasesDep, PriorityDep, ServiceDep, TenantDep
 from serve.api.errors import ApiError, Dialect, error_responses, validation_summary
+from serve.api.openai_stream import edit_events
 from serve.api.text_policy import NameText, PromptText
 from serve.errors import AuthError, PlanLimitError, RateLimitedError
 from serve.generation.calls import CompletedCall
@@ -110,7 +113,9 @@ class ImageEditForm(BaseModel):
     size: str | None = Field(None, description="'WxH' (sides 1-2048, rounded to multiples of 8) or 'auto'")
     response_format: Literal["url", "b64_json"] = "url"
     mask: UploadFile | str | None = Field(None, description="Not supported: a request with a mask is refused")
-    stream: bool = Field(False, description="Not supported: must be false")
+    stream: bool = Field(False, description="Server-sent events: partial images, then each image")
+    partial_images: int = Field(0, ge=0, le=3, description="Previews streamed before the image (stream=true)")
+    output_format: Literal["png", "jpeg", "webp"] = "png"
     user: str | None = Field(None, description="Accepted and ignored")
     strength: float = Field(0.7, ge=0.1, le=1.0)
     steps: int = Field(30, ge=1, le=50)
@@ -154,8 +159,6 @@ async def _source_data_url(form: ImageEditForm, service: GenerationService) -> s
             code="unsupported_parameter",
             param="mask",
         )
-    if form.stream:
-        raise InvalidInputError("streaming is not supported", code="unsupported_parameter", param="stream")
     uploads = ([form.image] if form.image is not None else []) + form.image_list
     if not uploads:
         raise InvalidInputError(
@@ -219,6 +222,13 @@ async def create_image_edit(
         model=model,
         priority=priority,
     )
+    if form.stream:
+        prepared = await service.prepare(call)  # bad input, plan and quota: a JSON error, before the stream
+        return StreamingResponse(
+            edit_events(service, prepared, form.partial_images, DIALECT.error_body),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
     done = await service.run(call)
     return ImagesResponse(
         created=int(done.call.created_at.timestamp()),
@@ -242,6 +252,13 @@ class OpenAIDialect(Dialect):
         return ApiError(400, code, details or message, param=param)  # OpenAI's body has no details
 
     def render(self, error: ApiError) -> JSONResponse:
+        return JSONResponse(self.body(error), status_code=error.status, headers=error.headers or None)
+
+    def error_body(self, error: Exception) -> dict[str, Any]:
+        """A failure as OpenAI's envelope, for an error event inside a stream (no status to send)."""
+        return self.body(self.translate(error))
+
+    def body(self, error: ApiError) -> dict[str, Any]:
         if error.status == 429:
             kind = "rate_limit_error"
         elif error.status >= 500:
@@ -251,8 +268,7 @@ class OpenAIDialect(Dialect):
         message = error.message
         if error.details and error.details != f"parameter: {error.param}":
             message = f"{message} ({error.details})"
-        body = {"message": message, "type": kind, "param": error.param, "code": error.code}
-        return JSONResponse({"error": body}, status_code=error.status, headers=error.headers or None)
+        return {"error": {"message": message, "type": kind, "param": error.param, "code": error.code}}
 
 
 DIALECT = OpenAIDialect(

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from inference.errors import GenerationError, RequestCancelledError
@@ -183,7 +184,8 @@ class ModelWorker:
         for request_id, updates in self._progress_queues.items():
             progress = self._engine.progress(request_id)
             if progress is not None:
-                updates.put_nowait(progress)
+                previews = self._engine.take_previews(request_id)
+                updates.put_nowait(replace(progress, previews=previews) if previews else progress)
 
     def _fail_all(self, error: GenerationError) -> None:
         for request_id, future in list(self._futures.items()):

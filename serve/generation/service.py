@@ -215,7 +215,7 @@ class GenerationService:
         if prepared.source_key is not None:
             await self.store.delete(prepared.source_key)
 
-    def build_request(self, prepared: PreparedCall) -> GenerationRequest:
+    def build_request(self, prepared: PreparedCall, preview_every: int = 0) -> GenerationRequest:
         call, spec, source = prepared.call, prepared.model, prepared.source
         width, height = self.output_size(spec, source.width, source.height, call.params)
         choices = {f.name: getattr(call.params, f.name) for f in fields(GenerationParams)}
@@ -226,6 +226,7 @@ class GenerationService:
             image=prepare_source(source, (width, height)),
             tenant=call.tenant,
             priority=self.lane(call),
+            preview_every=preview_every,
         )
 
     def lane(self, call: GenerationCall) -> int:
@@ -246,11 +247,14 @@ class GenerationService:
             await self.release(prepared.call, done)
 
     async def execute(
-        self, prepared: PreparedCall, on_progress: ProgressCallback | None = None
+        self, prepared: PreparedCall, on_progress: ProgressCallback | None = None, preview_every: int = 0
     ) -> CompletedCall:
-        """1. request, 2. generate, 3. store outputs (and an inline source), 4. describe."""
+        """1. request, 2. generate, 3. store outputs (and an inline source), 4. describe.
+
+        ``preview_every`` k > 0 asks the engine for a preview of each image every k steps; they arrive
+        in ``Progress.previews`` through ``on_progress``."""
         call = prepared.call
-        request = await asyncio.to_thread(self.build_request, prepared)
+        request = await asyncio.to_thread(self.build_request, prepared, preview_every)
         result = await self.backend.generate(prepared.model.id, request, on_progress)
         stored = await asyncio.gather(
             *(self._store_output(call, i, image) for i, image in enumerate(result.images)),

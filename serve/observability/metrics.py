@@ -81,6 +81,14 @@ class WorkerMetrics:
             description="UNet calls split in halves after an accelerator out-of-memory error",
             tag_keys=("model",),
         )
+        self.previews = Counter(
+            "img2img_previews", description="Previews of images in progress rendered", tag_keys=("model",)
+        )
+        self.preview_seconds = Counter(
+            "img2img_preview_seconds",
+            description="Engine time spent rendering previews (inside step time: their cost to the batch)",
+            tag_keys=("model",),
+        )
         self.padded_rows = Counter(
             "img2img_padded_rows",
             description="UNet rows added to reach a row bucket (work spent on fixed shapes)",
@@ -117,6 +125,9 @@ class WorkerMetrics:
             self.oom_splits.inc(stats.oom_splits)
         if stats.padded_rows:
             self.padded_rows.inc(stats.padded_rows)
+        if stats.previews:
+            self.previews.inc(stats.previews)
+            self.preview_seconds.inc(stats.preview_s)
         now = {f"{h}x{w}": cap for (h, w), cap in lowered.items()}
         for bucket in self._lowered - set(now):  # cool-down over: back to the configured cap
             self.effective_cap.set(configured_cap, tags={"bucket": bucket})

@@ -124,3 +124,56 @@ def test_an_unknown_openai_model_is_a_400_naming_ours_and_the_aliases(client):
     error = refused.value.body
     assert error["code"] == "model_not_found" and error["param"] == "model"
     assert all(name in error["message"] for name in ("tiny-sd", "gpt-image-1", "dall-e-2"))
+
+
+def test_streaming_edits_iterate_partial_images_from_the_engine_then_the_image(client):
+    """``stream=True, partial_images=2``: the real engine's previews, then the image, through the
+    unchanged client; the final image equals what the same edit returns without streaming."""
+    arguments = {
+        "image": ("source.png", _png((64, 64)), "image/png"),
+        "prompt": "a green field",
+        "size": "128x128",
+        "extra_body": {"steps": 12, "strength": 1.0, "seed": 21},
+    }
+    events = list(client.images.edit(**arguments, stream=True, partial_images=2))
+    assert [e.type for e in events] == ["image_edit.partial_image"] * 2 + ["image_edit.completed"]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    partials = [Image.open(io.BytesIO(base64.b64decode(e.b64_json))) for e in events[:2]]
+    assert all((p.format, p.size) == ("PNG", (128, 128)) for p in partials)
+    assert partials[0].tobytes() != partials[1].tobytes()  # the latents moved between them
+    done = events[-1]
+    assert done.size == "128x128" and done.usage.images == 1 and done.usage.steps == 12
+    plain = client.images.edit(**arguments, response_format="b64_json")
+    streamed = Image.open(io.BytesIO(base64.b64decode(done.b64_json)))
+    assert streamed.tobytes() == Image.open(io.BytesIO(base64.b64decode(plain.data[0].b64_json))).tobytes()
+
+
+def _metric_sum(stack, name: str) -> float:
+    text = httpx.get(f"http://{stack.metrics_url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def test_a_stream_whose_client_disconnects_leaves_the_engine(client, stack):
+    """The client reads one partial image and hangs up: the engine drops the request, so far fewer
+    than its 50 denoising steps run (counted by the replica's UNet-call counter)."""
+    from ray import serve
+
+    from tests.integration.conftest import wait_for
+
+    replica = serve.get_deployment_handle("model-tiny-sd", app_name="img2img")
+    active = lambda: replica.ready.remote().result(timeout_s=10)["active"]  # noqa: E731
+    wait_for(lambda: active() == 0, 60, 0.5, "an idle model replica")
+    calls_before = _metric_sum(stack, "ray_img2img_unet_calls_total")
+    files = {"image": ("s.png", _png((64, 64)), "image/png")}
+    data = {"prompt": "slow", "stream": "true", "partial_images": "3", "size": "512x512", "n": "4"}
+    data |= {"steps": "50", "strength": "1.0", "seed": "1"}
+    with httpx.Client(base_url=stack.base_url, timeout=120) as http:
+        headers = {"Authorization": f"Bearer {stack.api_key}"}
+        with http.stream("POST", "/v1/images/edits", data=data, files=files, headers=headers) as response:
+            assert response.status_code == 200
+            first = next(line for line in response.iter_lines() if line.startswith("event: "))
+            assert first == "event: image_edit.partial_image"
+    wait_for(lambda: active() == 0, 60, 0.2, "the engine to drop the canceled samples")
+    time.sleep(3)  # the counter is exported every second
+    steps_run = _metric_sum(stack, "ray_img2img_unet_calls_total") - calls_before
+    assert 0 < steps_run < 50, f"{steps_run} UNet calls: the canceled stream ran to the end"

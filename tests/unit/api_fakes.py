@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from PIL import Image
 
 from inference.models import ModelRegistry
-from inference.types import GenerationParams, GenerationRequest, GenerationResult, Progress
+from inference.types import GenerationParams, GenerationRequest, GenerationResult, Preview, Progress
 from serve.api.app import create_app
 from serve.api.job_views import job_renderer
 from serve.generation.calls import GenerationCall
@@ -61,13 +61,19 @@ class FakeBackend:
     warnings: tuple[str, ...] = ()
 
     gate: asyncio.Event | None = None  # when set, generation waits for it (to observe running jobs)
+    cancelled: list[str] = field(default_factory=list)  # requests canceled while waiting at the gate
 
     async def generate(self, model_id: str, request: GenerationRequest, on_progress=None) -> GenerationResult:
         self.calls.append((model_id, request))
         if on_progress is not None:
             await on_progress(Progress(1, request.steps))
+            await self._previews(request, on_progress)
         if self.gate is not None:
-            await self.gate.wait()
+            try:
+                await self.gate.wait()
+            except asyncio.CancelledError:
+                self.cancelled.append(request.request_id)
+                raise
         if self.error is not None:
             raise self.error
         images = tuple(Image.new("RGB", request.image.size, seed_colour(s)) for s in request.seeds)
@@ -84,6 +90,21 @@ class FakeBackend:
 
     async def readiness(self) -> dict[str, str | None]:
         return dict(self.ready)
+
+    @staticmethod
+    async def _previews(request: GenerationRequest, on_progress) -> None:
+        """What the engine sends a request that asked for previews: one per image every k steps, an
+        8x smaller picture (here a solid one whose colour is the step)."""
+        every, steps = request.preview_every, request.steps
+        for step in range(every, steps, every) if every else ():
+            size = (max(1, request.image.width // 8), max(1, request.image.height // 8))
+            previews = tuple(
+                Preview(i, step, steps, Image.new("RGB", size, (step, 0, 0)))
+                for i in range(request.num_images)
+            )
+            await on_progress(
+                Progress(step * request.num_images, steps * request.num_images, previews=previews)
+            )
 
     @property
     def last(self) -> GenerationRequest:

@@ -168,10 +168,6 @@ def test_unknown_fields_are_refused_like_openai_does(client):
     assert error["code"] == "unknown_parameter"
 
 
-def test_streaming_is_refused(client):
-    openai_error(post(client, {"stream": "true"}), 400, param="stream")
-
-
 @pytest.mark.parametrize("model", ["dall-e-2", "gpt-image-1", "nope"])
 def test_unknown_model_lists_ours(client, model, backend):
     error = openai_error(post(client, {"model": model}), 400, param="model")
