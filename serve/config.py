@@ -249,6 +249,16 @@ class OpenAIArgs(_Strict):
     model_aliases: dict[str, str] = Field(default_factory=dict, description="client name -> model id")
 
 
+class PreviewArgs(_Strict):
+    """Previews of running jobs on their ``/events`` streams (``serve.jobs.previews``). How they are
+    made and how large they are is per model (its ``engine``: ``preview_method``, ``preview_max_side``,
+    ``preview_min_steps``)."""
+
+    job_every_steps: int = Field(
+        5, ge=0, le=1000, description="a preview of each image of a running job every k steps; 0: none"
+    )
+
+
 class AppArgs(_Strict):
     models: list[ModelDeployment] = Field(min_length=1)
     ingress: IngressDeployment = IngressDeployment()
@@ -257,6 +267,7 @@ class AppArgs(_Strict):
     webhooks: WebhookArgs = WebhookArgs()
     cors: CorsPolicy = CorsPolicy()
     openai: OpenAIArgs = OpenAIArgs()
+    previews: PreviewArgs = PreviewArgs()
     control_plane: ControlPlaneArgs = ControlPlaneArgs()
     tenants: list[Tenant] = Field(default_factory=list, description="tenants with hashed keys and limits")
     request_timeout_s: float = Field(300, gt=0, description="a request waiting longer gets 504")

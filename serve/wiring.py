@@ -17,6 +17,7 @@ from inference.images import ImageLimits
 from serve.config import AppArgs, Secrets, build_store, configured_tenants
 from serve.generation.service import Admission, GenerationService, ModelBackend
 from serve.jobs.leases import Leases, LocalLeases, RedisLeases
+from serve.jobs.previews import LocalPreviewBoard, PreviewBoard, PreviewFollowers, RedisPreviewBoard
 from serve.jobs.records import JobStore
 from serve.observability.metrics import TenantMetrics
 from serve.outbound.fetch import FetchPolicy
@@ -83,3 +84,14 @@ def leases(args: AppArgs, wired: Wired) -> Leases:
     if wired.redis is None:
         return LocalLeases()
     return RedisLeases(wired.redis, args.control_plane.lease_s)
+
+
+def preview_board(wired: Wired) -> PreviewBoard:
+    """Where a coordinator puts running jobs' previews: its memory, and Redis channels when several
+    coordinators share the jobs."""
+    return LocalPreviewBoard() if wired.redis is None else RedisPreviewBoard(wired.redis)
+
+
+def preview_followers(wired: Wired, coordinator) -> PreviewFollowers:
+    """How an ingress follows a job's previews: the job's Redis channel, or the one coordinator."""
+    return PreviewFollowers(coordinator, wired.redis)

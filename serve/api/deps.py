@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from fastapi import Depends, Header, Request
 
 from serve.generation.service import GenerationService
+from serve.jobs.previews import PreviewFollowers
 from serve.jobs.records import JobStore
 from serve.jobs.submission import Coordinator, Submissions
 
@@ -28,6 +29,12 @@ def get_coordinator(request: Request) -> Coordinator:
 def get_submissions(request: Request) -> Submissions:
     state = request.app.state
     return Submissions(state.service, state.jobs, state.job_store)
+
+
+def get_preview_followers(request: Request) -> PreviewFollowers:
+    """How event streams follow running jobs' previews (set by the ingress; by default the coordinator)."""
+    followers = getattr(request.app.state, "previews", None)
+    return followers if followers is not None else PreviewFollowers(request.app.state.jobs)
 
 
 def get_job_store(request: Request) -> JobStore:
@@ -54,4 +61,5 @@ ModelAliasesDep = Annotated[dict[str, str], Depends(get_model_aliases)]
 CoordinatorDep = Annotated[Coordinator, Depends(get_coordinator)]
 SubmissionsDep = Annotated[Submissions, Depends(get_submissions)]
 JobStoreDep = Annotated[JobStore, Depends(get_job_store)]
+PreviewsDep = Annotated[PreviewFollowers, Depends(get_preview_followers)]
 TenantDep = Annotated[str, Depends(get_tenant)]

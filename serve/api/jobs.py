@@ -17,7 +17,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
 from inference.errors import InferenceError
-from serve.api.deps import CoordinatorDep, JobStoreDep, ServiceDep, TenantDep
+from serve.api.deps import CoordinatorDep, JobStoreDep, PreviewsDep, ServiceDep, TenantDep
 from serve.api.errors import ApiError, error_responses
 from serve.api.job_views import job_object
 from serve.errors import ServingError, public_fields
@@ -162,23 +162,46 @@ async def cancel_job(
     return await job_object(record, service.store, service.url_expiry_s)
 
 
+async def _new_previews(follower, job_id: str) -> list[dict]:
+    """Previews are best effort: a coordinator or Redis that does not answer costs the stream nothing."""
+    try:
+        return await follower.take()
+    except Exception as error:
+        logger.debug("previews of job %s unavailable: %s", job_id, error)
+        return []
+
+
 @router.get(
     "/{job_id}/events",
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "One event per job state change"}},
 )
 async def job_events(
-    job_id: str, request: Request, service: ServiceDep, tenant: TenantDep, job_store: JobStoreDep
+    job_id: str,
+    request: Request,
+    service: ServiceDep,
+    tenant: TenantDep,
+    job_store: JobStoreDep,
+    previews: PreviewsDep,
 ):
-    """Server-sent events: the job object whenever its state or progress changes, until it is final.
+    """Server-sent events: the job object whenever its state or progress changes, until it is final;
+    while it runs, a ``preview`` event with a small picture of each image every few steps.
 
     At most ``EVENTS_PER_TENANT`` streams per tenant at once (429 beyond); the record is polled less
-    often while it does not change."""
+    often while it does not change. Previews are best effort and never stored."""
     await _load(request, job_store, tenant, job_id)
     slots = _slots(request.app)
     slots.take(tenant, getattr(request.app.state, "event_streams_per_tenant", EVENTS_PER_TENANT))
 
     async def stream():
+        follower = previews.follow(tenant, job_id)
+        try:
+            async for event in job_stream(follower):
+                yield event
+        finally:
+            await follower.close()
+
+    async def job_stream(follower):
         last, deadline = None, time.monotonic() + EVENTS_MAX_S
         delays = poll_delays(EVENTS_POLL_S, EVENTS_BACKOFF, EVENTS_POLL_MAX_S)
         while time.monotonic() < deadline:
@@ -199,6 +222,9 @@ async def job_events(
                 yield f"event: {record.status.value}\ndata: {json.dumps(body)}\n\n"
             if record.status.terminal:
                 return
+            if record.status is JobState.PROCESSING:
+                for frame in await _new_previews(follower, job_id):
+                    yield f"event: preview\ndata: {json.dumps(frame)}\n\n"
             await asyncio.sleep(min(next(delays), max(0.0, deadline - time.monotonic())))
 
     try:

@@ -21,7 +21,7 @@ from serve.jobs.retention import RetentionSweeper
 from serve.jobs.runner import JobRunner
 from serve.jobs.webhooks import WebhookPolicy
 from serve.observability.log_redaction import redact_library_logs
-from serve.wiring import leases, wire
+from serve.wiring import leases, preview_board, wire
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class JobCoordinator(JobRunner):
             fetch_policy=wired.service.fetch_policy,
             tenant_lookup=wired.tenants.lookup,
             leases=leases(args, wired),
+            previews=preview_board(wired),
+            preview_every=args.previews.job_every_steps,
         )
 
     async def check_health(self) -> None:

@@ -19,7 +19,7 @@ from serve.config import AppArgs, Secrets
 from serve.deployments.handles import RayModelBackend, coordinator_client, governor_client
 from serve.errors import ServingError
 from serve.observability.metrics import IngressMetrics
-from serve.wiring import wire
+from serve.wiring import preview_followers, wire
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class Ingress:
         app = create_app(cors=self._cors)
         app.state.service = self._wired.service
         app.state.jobs = self._jobs
+        app.state.previews = preview_followers(self._wired, self._jobs)
         app.state.job_store = self._wired.records
         app.state.tenants = self._wired.tenants
         app.state.model_aliases = self._model_aliases

@@ -25,6 +25,7 @@ from serve.errors import IdempotencyConflictError, NotFoundError, ServingError, 
 from serve.generation.calls import CompletedCall
 from serve.generation.service import GenerationService
 from serve.jobs.leases import Leases, LocalLeases
+from serve.jobs.previews import LocalPreviewBoard, PreviewBoard, preview_frame
 from serve.jobs.records import JobError, JobRecord, JobState, JobStore, StaleLeaseError, StoredOutput
 from serve.jobs.webhooks import NO_SECRET, WebhookPolicy, deliver, webhook_payload, webhook_secret_for
 from serve.outbound.fetch import FetchPolicy
@@ -55,6 +56,8 @@ class JobRunner:
     fetch_policy: FetchPolicy = field(default_factory=FetchPolicy)
     tenant_lookup: Callable[[str], Tenant | None] = lambda name: None
     leases: Leases = field(default_factory=LocalLeases)  # RedisLeases when coordinators scale out
+    previews: PreviewBoard = field(default_factory=LocalPreviewBoard)  # running jobs' newest previews
+    preview_every: int = 0  # previews.job_every_steps: a preview of each image every k steps (0: none)
 
     def __post_init__(self) -> None:
         self._tasks: dict[str, asyncio.Task] = {}
@@ -178,6 +181,10 @@ class JobRunner:
             except Exception as error:  # storage or Redis away: the next round tries again
                 logger.warning("could not scan for orphaned jobs: %s", error)
 
+    async def latest_previews(self, tenant: str, job_id: str) -> list[dict[str, Any]]:
+        """The newest preview of each image of a job this process runs (``serve.jobs.previews``)."""
+        return self.previews.newest(tenant, job_id)
+
     async def drain(self) -> None:
         """Wait for every running job (tests)."""
         while self._tasks:
@@ -221,6 +228,7 @@ class JobRunner:
             logger.error("job %s: storage stayed down; the job stays pending and resumes on restart", job_id)
         finally:
             keeper.cancel()
+            self.previews.finish(tenant, job_id)
             self._stale.discard(job_id)
             with contextlib.suppress(Exception):
                 await self.leases.release(job_id, self._tokens.pop(job_id, token))
@@ -285,6 +293,7 @@ class JobRunner:
 
         async def on_progress(progress: Progress) -> None:
             nonlocal last_save
+            await self._publish_previews(record, progress)
             record.steps_done, record.steps_total = progress.steps_done, progress.steps_total
             record.queue_position, record.eta_s = progress.queue_position, progress.eta_s
             # Queued until one of its images enters a batch (waiting in a replica's queue is queued).
@@ -302,7 +311,7 @@ class JobRunner:
             record.run_attempts += 1
             await self._save(record)
             try:
-                done = await self.service.execute(prepared, on_progress)
+                done = await self.service.execute(prepared, on_progress, preview_every=self.preview_every)
             except (InferenceError, ServingError) as error:
                 if getattr(error, "transient", False) and record.run_attempts < MAX_RUNS:
                     logger.warning("job %s: %s; trying again once it recovers", record.id, error.code)
@@ -323,6 +332,15 @@ class JobRunner:
             record.steps_done = record.steps_total = max(record.steps_total, record.steps_done)
             await self._finish(record, JobState.COMPLETED, done)
             return
+
+    async def _publish_previews(self, record: JobRecord, progress: Progress) -> None:
+        """Best effort: a preview that cannot be encoded or published is skipped, never the job."""
+        for preview in progress.previews:
+            try:
+                frame = await asyncio.to_thread(preview_frame, record.id, preview)
+                await self.previews.publish(record.tenant, record.id, frame)
+            except Exception as error:
+                logger.warning("job %s: preview not published: %s", record.id, error)
 
     async def _storage_back(self, timeout_s: float) -> None:
         """Wait (bounded) until the object store answers again."""
