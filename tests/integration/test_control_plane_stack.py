@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import io
 import os
 import signal
 import time
@@ -14,10 +15,12 @@ import time
 import httpx
 import pytest
 import redis
+from PIL import Image
 
 from inference.models import Family
 from serve.tenancy.keys import hash_key
 from tests.integration.conftest import _stack_args, side_app, side_client, wait_for
+from tests.support.job_events import job_events, preview_pictures
 from tests.unit.api_fakes import data_url
 
 BURST_KEY = "sk-burst-control-plane-0001"
@@ -55,6 +58,23 @@ def test_a_burst_across_four_ingress_replicas_admits_exactly_the_limit(stack, re
         statuses = list(pool.map(send, range(24)))
     assert statuses.count(200) == LIMIT, sorted(statuses)  # never LIMIT + 1, whichever replica took it
     assert statuses.count(429) == 24 - LIMIT, statuses
+
+
+def test_previews_of_a_job_reach_its_event_stream_through_redis_and_are_kept_nowhere(
+    stack, redis_server, plane
+):
+    """Two coordinators, four ingress replicas: whichever runs the job publishes its previews on the
+    job's Redis channel and whichever streams its events subscribes; Redis keeps none of them."""
+    with side_client(stack, plane) as client:
+        job = body(image=data_url(256, 256), steps=40, strength=1.0, seed=5)
+        accepted = client.post("/v1/image-to-image", json=job, headers={"Prefer": "respond-async"})
+        assert accepted.status_code == 202, accepted.text
+        events = job_events(client, accepted.json()["id"])
+    assert events[-1][0] == "completed"
+    pictures = preview_pictures(events)
+    assert pictures, [name for name, _ in events]
+    assert all(Image.open(io.BytesIO(p)).size == (32, 32) for p in pictures)  # 256² → its 32² latent grid
+    assert redis.Redis.from_url(redis_server.url).keys("img2img:previews*") == []
 
 
 def _holder_pid(url: str, job_id: str) -> int | None:

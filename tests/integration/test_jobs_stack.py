@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
+from PIL import Image
 
 from serve.jobs.webhooks import derive_webhook_secret
 from tests.integration.conftest import WEBHOOK_SECRET
 from tests.integration.faults import kill_replicas
 from tests.integration.test_serve_stack import _data_url, _png, _wait_for
+from tests.support.job_events import job_events, preview_pictures
 from tests.unit.api_fakes import receiver_verifies
 
 URL = "/v1/image-to-image"
@@ -45,6 +48,20 @@ def test_async_job_completes_and_its_events_stream(client):
     progress = final["progress"]
     assert len(final["images"]) == 2 and progress["steps_done"] == progress["steps_total"] > 0
     assert httpx.get(final["images"][0]["url"], timeout=30).status_code == 200
+
+
+def test_a_running_jobs_events_carry_previews_from_the_engine(client):
+    """``previews.job_every_steps`` (5 by default): the engine's previews of a running job reach its
+    event stream through the one coordinator; they differ as the latents move."""
+    job = _submit(client, image=_data_url(_png((256, 256))), steps=50, strength=1.0, prompt="previewed")
+    events = job_events(client, job["id"])
+    assert events[-1][0] == "completed"
+    previews = [data for name, data in events if name == "preview"]
+    assert previews, [name for name, _ in events]
+    assert all(p["id"] == job["id"] and p["step"] % 5 == 0 and p["step"] < p["steps"] for p in previews)
+    pictures = preview_pictures(events)
+    assert all(Image.open(io.BytesIO(p)).format == "JPEG" for p in pictures)
+    assert len(pictures) < 2 or len(set(pictures)) > 1
 
 
 def test_cancel_a_running_job_leaves_the_others_alone(client):
