@@ -174,7 +174,12 @@ async def _new_previews(follower, job_id: str) -> list[dict]:
 @router.get(
     "/{job_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "One event per job state change"}},
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "One event per job state change; preview events while it runs",
+        }
+    },
 )
 async def job_events(
     job_id: str,

@@ -200,7 +200,17 @@ async def _image_data(
     return [ImageData(b64_json=base64.b64encode(data).decode("ascii")) for data in contents]
 
 
-@router.post("/edits", response_model=ImagesResponse, response_model_exclude_none=True)
+@router.post(
+    "/edits",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    responses={
+        200: {
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "The images; stream=true: server-sent events (partial images, then each image)",
+        }
+    },
+)
 async def create_image_edit(
     form: Annotated[ImageEditForm, Form(media_type="multipart/form-data")],
     service: ServiceDep,
