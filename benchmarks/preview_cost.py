@@ -23,13 +23,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
 from PIL import Image
 
+from benchmarks.tiny_models import add_tiny_model_options, load_tiny_pipeline
 from inference.engine import EngineConfig, StepBatchingEngine
-from inference.models import Family, ModelSpec
-from inference.pipelines import load_pipeline
-from inference.tiny import TINY_MODEL_IDS, ensure_tiny_models, tiny_model_specs
+from inference.models import Family
+from inference.tiny import TINY_MODEL_IDS
 from inference.types import GenerationRequest
 from serve.jobs.previews import preview_frame
 
@@ -100,12 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=8, help="requests in the batch (one image each)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2, help="runs per configuration, best kept")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--models-dir", type=Path, default=Path(".cache/models"))
+    add_tiny_model_options(parser)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    ensure_tiny_models(args.models_dir)
-    specs = {s["id"]: s for s in tiny_model_specs(args.models_dir)}
     print(f"# Preview cost: {args.requests} requests of {args.size}² px, {args.steps} steps, one batch; CPU")
     print(f"# best of {args.repeats} interleaved runs per configuration; tiny random-weight models\n")
     print(
@@ -115,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.families.split(","):
         family = Family(name.strip())
-        pipe = load_pipeline(ModelSpec(**specs[TINY_MODEL_IDS[family]]))
+        pipe = load_tiny_pipeline(family, args)
         run(pipe, family, argparse.Namespace(**{**vars(args), "requests": 2, "steps": 4}), "latent_rgb", 1)
         best: dict[str, dict] = {}
         for _ in range(args.repeats):

@@ -21,13 +21,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
 from PIL import Image
 
+from benchmarks.tiny_models import add_tiny_model_options, load_tiny_pipeline
 from inference.engine import EngineConfig, StepBatchingEngine
-from inference.models import Family, ModelSpec
-from inference.pipelines import load_pipeline
-from inference.tiny import TINY_MODEL_IDS, ensure_tiny_models, tiny_model_specs
+from inference.models import Family
+from inference.tiny import TINY_MODEL_IDS
 from inference.types import GenerationRequest
 
 HIGH, NORMAL, LOW = 0, 1, 2
@@ -82,13 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--high", type=int, default=12, help="high-priority requests, arriving over time")
     parser.add_argument("--every", type=int, default=3, help="engine steps between high-priority arrivals")
     parser.add_argument("--cap", type=int, default=4, help="samples per UNet call (EngineConfig)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--models-dir", type=Path, default=Path(".cache/models"))
+    add_tiny_model_options(parser)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    ensure_tiny_models(args.models_dir)
-    spec = next(s for s in tiny_model_specs(args.models_dir) if s["id"] == TINY_MODEL_IDS[Family.SD])
-    pipe = load_pipeline(ModelSpec(**spec))
+    pipe = load_tiny_pipeline(Family.SD, args)
     run(pipe, argparse.Namespace(**{**vars(args), "flood": 4, "high": 1}), lanes=True)  # warm-up
     rows = []
     for name, lanes in (("no priorities (one lane)", False), ("priority lanes", True)):

@@ -18,6 +18,7 @@ from PIL import Image
 
 from inference.errors import GenerationError
 from serve.generation.streaming import preview_interval
+from tests.support.asgi import body_then_disconnect, http_scope
 from tests.unit.api_fakes import API_KEY, AUTH, image_bytes, seed_colour
 
 URL = "/v1/images/edits"
@@ -109,35 +110,14 @@ def test_a_failure_mid_stream_is_an_error_event_the_client_raises(client, backen
 
 async def _streamed_then_gone(app, body: bytes, content_type: str):
     """Post ``body`` over raw ASGI, read until the first event, then disconnect; the app's task."""
-    first_event, gone, sent = asyncio.Event(), asyncio.Event(), [False]
-
-    async def receive():
-        if not sent[0]:
-            sent[0] = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await gone.wait()
-        return {"type": "http.disconnect"}
+    first_event = asyncio.Event()
+    receive, gone = body_then_disconnect(body)
 
     async def send(message):
         if message["type"] == "http.response.body" and message.get("body"):
             first_event.set()
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": URL,
-        "raw_path": URL.encode(),
-        "query_string": b"",
-        "headers": [
-            (b"content-type", content_type.encode()),
-            (b"authorization", AUTH["Authorization"].encode()),
-        ],
-        "client": ("127.0.0.1", 1234),
-        "server": ("testserver", 80),
-    }
+    scope = http_scope("POST", URL, {"content-type": content_type, **AUTH})
     task = asyncio.create_task(app(scope, receive, send))
     await asyncio.wait_for(first_event.wait(), 10)
     gone.set()

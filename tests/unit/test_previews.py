@@ -18,15 +18,10 @@ from inference.engine import EngineConfig, StepBatchingEngine
 from inference.models import Family
 from inference.pipelines import load_pipeline
 from inference.previews import bounded, calibration_images, fit_projection, project
+from inference.tiny import TINY_MODEL_IDS
 from tests.support.engine_requests import engine_request
 
-MODEL_IDS = {
-    Family.SD: "tiny-sd",
-    Family.SDXL: "tiny-sdxl",
-    Family.INSTRUCT_PIX2PIX: "tiny-pix2pix",
-    Family.SD3: "tiny-sd3",
-    Family.FLUX: "tiny-flux",
-}
+MODEL_IDS = TINY_MODEL_IDS
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from inference.errors import GenerationError
 from serve.api import jobs as jobs_api
 from serve.errors import ModelUnavailableError, StorageUnavailableError
 from serve.tenancy.governor import TenantGovernor
+from tests.support.asgi import body_then_disconnect, http_scope
 from tests.unit.api_fakes import (
     AUTH,
     BASE_URL,
@@ -379,35 +380,16 @@ def test_at_the_real_settings_a_stuck_job_is_polled_about_190_times_in_15_minute
 async def _open_stream(app, path: str, headers: dict[str, str]):
     """An event stream held open over raw ASGI (test clients buffer whole responses): returns its
     status once headers are sent, the task and a function that disconnects the client."""
-    started, gone, first = asyncio.Event(), asyncio.Event(), [True]
+    started = asyncio.Event()
     status: list[int] = []
-
-    async def receive():
-        if first[0]:
-            first[0] = False
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await gone.wait()
-        return {"type": "http.disconnect"}
+    receive, gone = body_then_disconnect()
 
     async def send(message):
         if message["type"] == "http.response.start":
             status.append(message["status"])
             started.set()
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-        "client": ("127.0.0.1", 1234),
-        "server": ("testserver", 80),
-    }
-    task = asyncio.create_task(app(scope, receive, send))
+    task = asyncio.create_task(app(http_scope("GET", path, headers), receive, send))
     await asyncio.wait_for(started.wait(), 5)
     return status[0], task, gone.set
 
