@@ -201,6 +201,10 @@ async def job_events(
     async def stream():
         follower = previews.follow(tenant, job_id)
         try:
+            await follower.open()
+        except Exception as error:  # best effort, as every preview is
+            logger.debug("previews of job %s unavailable: %s", job_id, error)
+        try:
             async for event in job_stream(follower):
                 yield event
         finally:

@@ -89,7 +89,10 @@ class RedisPreviewBoard(LocalPreviewBoard):
 
 
 class PreviewFollower(Protocol):
-    """The ingress's side, one per event stream: the frames that arrived since the last ``take``."""
+    """The ingress's side, one per event stream: ``open`` when the stream opens (a channel must be
+    listened to before the job publishes), then the frames that arrived since the last ``take``."""
+
+    async def open(self) -> None: ...
 
     async def take(self) -> list[dict[str, Any]]: ...
 
@@ -115,6 +118,9 @@ class CoordinatorFollower:
         self._coordinator, self._tenant, self._job_id = coordinator, tenant, job_id
         self._unseen = _Unseen()
 
+    async def open(self) -> None:
+        return None
+
     async def take(self) -> list[dict[str, Any]]:
         return self._unseen(await self._coordinator.latest_previews(self._tenant, self._job_id))
 
@@ -128,13 +134,14 @@ class RedisFollower:
     def __init__(self, redis: Redis, tenant: str, job_id: str) -> None:
         self._pubsub = redis.pubsub(ignore_subscribe_messages=True)
         self._channel = channel(tenant, job_id)
-        self._subscribed = False
         self._unseen = _Unseen()
 
+    async def open(self) -> None:
+        await self._pubsub.subscribe(self._channel)
+
     async def take(self) -> list[dict[str, Any]]:
-        if not self._subscribed:
-            await self._pubsub.subscribe(self._channel)
-            self._subscribed = True
+        if not self._pubsub.subscribed:
+            await self.open()
         newest: dict[int, dict[str, Any]] = {}
         while (message := await self._pubsub.get_message(timeout=0)) is not None:
             frame = json.loads(message["data"])

@@ -66,14 +66,15 @@ def test_previews_of_a_job_reach_its_event_stream_through_redis_and_are_kept_now
     """Two coordinators, four ingress replicas: whichever runs the job publishes its previews on the
     job's Redis channel and whichever streams its events subscribes; Redis keeps none of them."""
     with side_client(stack, plane) as client:
-        job = body(image=data_url(256, 256), steps=40, strength=1.0, seed=5)
+        # Long enough (a few seconds on CPU) for the stream's polls to find it processing.
+        job = body(image=data_url(512, 512), steps=50, strength=1.0, num_images=2, seed=5)
         accepted = client.post("/v1/image-to-image", json=job, headers={"Prefer": "respond-async"})
         assert accepted.status_code == 202, accepted.text
         events = job_events(client, accepted.json()["id"])
     assert events[-1][0] == "completed"
     pictures = preview_pictures(events)
     assert pictures, [name for name, _ in events]
-    assert all(Image.open(io.BytesIO(p)).size == (32, 32) for p in pictures)  # 256² → its 32² latent grid
+    assert all(Image.open(io.BytesIO(p)).size == (64, 64) for p in pictures)  # 512² → its 64² latent grid
     assert redis.Redis.from_url(redis_server.url).keys("img2img:previews*") == []
 
 

@@ -53,7 +53,8 @@ def test_async_job_completes_and_its_events_stream(client):
 def test_a_running_jobs_events_carry_previews_from_the_engine(client):
     """``previews.job_every_steps`` (5 by default): the engine's previews of a running job reach its
     event stream through the one coordinator; they differ as the latents move."""
-    job = _submit(client, image=_data_url(_png((256, 256))), steps=50, strength=1.0, prompt="previewed")
+    # Long enough (a few seconds on CPU) for the stream's polls to find it processing.
+    job = _submit(client, image=_data_url(_png((512, 512))), steps=50, strength=1.0, num_images=2)
     events = job_events(client, job["id"])
     assert events[-1][0] == "completed"
     previews = [data for name, data in events if name == "preview"]
