@@ -257,9 +257,8 @@ class _StableDiffusionXL(_StableDiffusion):
     def encode_images(self, pipe, conds: list[Conditioning], images: torch.Tensor) -> None:
         images = images.to(device=pipe.device, dtype=conds[0].encoder_hidden_states.dtype)  # as stock
         if pipe.vae.config.force_upcast:
-            moments = _float32_vae(pipe).encode(images.float()).latent_dist.parameters
-        else:
-            moments = pipe.vae.encode(images).latent_dist.parameters
+            images = images.float()
+        moments = self.encoder_vae(pipe).encode(images).latent_dist.parameters
         for cond, row in zip(conds, moments.split(1), strict=True):
             cond.latent_dist = DiagonalGaussianDistribution(row)
 
