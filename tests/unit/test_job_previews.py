@@ -44,13 +44,15 @@ def test_a_running_jobs_events_carry_the_newest_preview_of_each_image(client, ap
                 data = json.loads(next(lines)[6:])
                 if names[-1] == "preview":
                     previews.append(data)
-                if len(previews) == 2:
-                    client.portal.call(backend.gate.set)  # both images seen: let the job finish
+                if sum(p["step"] == 8 for p in previews) == 2:
+                    client.portal.call(backend.gate.set)  # both images at their newest: let it finish
     assert backend.last.preview_every == 4
     assert names[-1] == "completed" and "processing" in names
-    assert sorted(p["image_index"] for p in previews) == [0, 1]
+    for index in (0, 1):  # a poll may fall between the engine's step-4 and step-8 reports
+        steps = [p["step"] for p in previews if p["image_index"] == index]
+        assert steps in ([8], [4, 8]), steps  # each frame once, in order, ending at the newest
     for frame in previews:
-        assert frame["id"] == job["id"] and (frame["step"], frame["steps"]) == (8, 12)  # the newest: 8
+        assert frame["id"] == job["id"] and frame["steps"] == 12
         assert frame["image"].startswith("data:image/jpeg;base64,")
         picture = Image.open(io.BytesIO(base64.b64decode(frame["image"].split(",", 1)[1])))
         assert (
