@@ -11,6 +11,7 @@ slowest member of a batch and mixed parameters would rarely share a step.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -57,8 +58,10 @@ class ModelWorker:
         logger.info("model %s optimisations: %s; %d shapes warmed", self.spec.id, applied, self._warmed)
         self._metrics = WorkerMetrics(self.spec.id)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{self.spec.id}")
-        self._futures: dict[str, asyncio.Future] = {}
-        self._progress_queues: dict[str, asyncio.Queue] = {}
+        self._futures: dict[str, asyncio.Future] = {}  # by engine run id
+        self._progress_queues: dict[str, asyncio.Queue] = {}  # by engine run id
+        self._runs: dict[str, str] = {}  # a request id → the engine run serving its newest caller
+        self._run_numbers = itertools.count()
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         logger.info("model %s loaded on %s (pid %s)", self.spec.id, device, os.getpid())
@@ -98,16 +101,26 @@ class ModelWorker:
 
         Ray Serve streams these items to the caller (``handle.options(stream=True)``); when the caller
         goes away the generator is cancelled and the request leaves the engine at its next step.
+
+        Each call is its own engine run. A request id that arrives while an earlier call for it still
+        runs is a retry whose first caller is gone or gave up (a job coordinator killed mid-job, whose
+        stream Ray has not cancelled yet, and the coordinator that took the job over): the newest
+        caller wins, as with job leases, and the older run is canceled. Generation is a pure function
+        of the request, so nothing is lost but the steps the old run had done.
         """
         self._ensure_loop()
-        if request.request_id in self._futures:
-            raise GenerationError(f"request {request.request_id} is already running on this replica")
+        run_id = f"{request.request_id}#{next(self._run_numbers)}"
+        superseded = self._runs.get(request.request_id)
+        if superseded is not None:
+            logger.warning("request %s arrived again; canceling its older run", request.request_id)
+            self._engine.cancel(superseded)
         future = asyncio.get_running_loop().create_future()
         updates: asyncio.Queue | None = asyncio.Queue() if with_progress else None
-        self._futures[request.request_id] = future
+        self._futures[run_id] = future
         if updates is not None:
-            self._progress_queues[request.request_id] = updates
-        self._engine.submit(request)
+            self._progress_queues[run_id] = updates
+        self._engine.submit(replace(request, request_id=run_id))
+        self._runs[request.request_id] = run_id
         self._metrics.set_inflight(len(self._futures))
         self._wakeup.set()
         try:
@@ -118,24 +131,29 @@ class ModelWorker:
                     yield waiter.result()
                 else:
                     waiter.cancel()
-            yield await future
+            yield replace(await future, request_id=request.request_id)
         except (asyncio.CancelledError, GeneratorExit):
             if not future.done():
-                self._engine.cancel(request.request_id)
+                self._engine.cancel(run_id)
                 self._wakeup.set()
             raise
         finally:
-            self._futures.pop(request.request_id, None)
-            self._progress_queues.pop(request.request_id, None)
+            self._futures.pop(run_id, None)
+            self._progress_queues.pop(run_id, None)
+            if self._runs.get(request.request_id) == run_id:
+                del self._runs[request.request_id]
             self._metrics.set_inflight(len(self._futures))
 
     async def cancel(self, request_id: str) -> None:
-        self._engine.cancel(request_id)
+        run_id = self._runs.get(request_id)
+        if run_id is not None:
+            self._engine.cancel(run_id)
         if self._wakeup:
             self._wakeup.set()
 
     async def progress(self, request_id: str) -> Progress | None:
-        return self._engine.progress(request_id)
+        run_id = self._runs.get(request_id)
+        return self._engine.progress(run_id) if run_id is not None else None
 
     async def ready(self) -> dict[str, Any]:
         return {

@@ -111,6 +111,8 @@ class WorkerMetrics:
             self.batched_samples,
             self.oom_splits,
             self.padded_rows,
+            self.previews,
+            self.preview_seconds,
             self.effective_cap,
         ):
             metric.set_default_tags(dict(tags))  # Ray adds its own keys to the dict it is given

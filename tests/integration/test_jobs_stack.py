@@ -13,7 +13,7 @@ from PIL import Image
 from serve.jobs.webhooks import derive_webhook_secret
 from tests.integration.conftest import WEBHOOK_SECRET
 from tests.integration.faults import kill_replicas
-from tests.integration.test_serve_stack import _data_url, _png, _wait_for
+from tests.integration.test_serve_stack import _data_url, _metric_sum, _png, _wait_for
 from tests.support.job_events import job_events, preview_pictures
 from tests.unit.api_fakes import receiver_verifies
 
@@ -50,7 +50,7 @@ def test_async_job_completes_and_its_events_stream(client):
     assert httpx.get(final["images"][0]["url"], timeout=30).status_code == 200
 
 
-def test_a_running_jobs_events_carry_previews_from_the_engine(client):
+def test_a_running_jobs_events_carry_previews_from_the_engine(client, stack):
     """``previews.job_every_steps`` (5 by default): the engine's previews of a running job reach its
     event stream through the one coordinator; they differ as the latents move."""
     # Long enough (a few seconds on CPU) for the stream's polls to find it processing.
@@ -63,6 +63,8 @@ def test_a_running_jobs_events_carry_previews_from_the_engine(client):
     pictures = preview_pictures(events)
     assert all(Image.open(io.BytesIO(p)).format == "JPEG" for p in pictures)
     assert len(pictures) < 2 or len(set(pictures)) > 1
+    # the replica meters them (a metric missing its model tag would raise in the step loop instead)
+    _wait_for(lambda: _metric_sum(stack, "ray_img2img_previews_total") > 0, 30, 1, "preview metrics")
 
 
 def test_cancel_a_running_job_leaves_the_others_alone(client):

@@ -192,3 +192,26 @@ def test_a_model_waiting_for_a_gpu_is_reported_not_ready_instead_of_hanging(stac
         assert "GPU" in problem
     finally:
         serve.delete("needs-gpu", _blocking=False)
+
+
+def test_a_request_sent_again_while_its_first_run_is_in_flight_supersedes_it(stack):
+    """A job taken over from a killed coordinator reaches the model replica again with the same id while
+    the dead caller's run may still be in flight: the newest call runs and gets the images, the older
+    run is canceled (not refused: that failed the job, the coordinator-kill test under CI load)."""
+    from ray import serve
+
+    from inference.types import GenerationResult, Progress
+    from tests.support.engine_requests import engine_request
+
+    replica = serve.get_deployment_handle("model-tiny-sd", app_name="img2img")
+    source = Image.new("RGB", (256, 256), (30, 90, 150))
+    request = engine_request("img_sent_twice", "tiny-sd", "a harbour", source, steps=50, strength=1.0, seed=3)
+    first = iter(replica.options(stream=True).generate_stream.remote(request))
+    assert isinstance(next(first), Progress)  # the first run is in the engine
+    second = replica.generate.remote(request).result(timeout_s=120)
+    assert isinstance(second, GenerationResult) and second.request_id == "img_sent_twice"
+    assert len(second.images) == 1 and second.images[0].size == (256, 256)
+    with pytest.raises(Exception) as ended:
+        for _ in first:  # progress until the cancellation reaches it
+            pass
+    assert "cancel" in str(ended.value).lower(), ended.value
